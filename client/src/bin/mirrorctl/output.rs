@@ -1,0 +1,574 @@
+//! Rendering results for stdout: aligned tables and `key: value` lines for
+//! people, JSON (from [`blockmirror_client::json`]) for scripts.
+//!
+//! Renderers return strings so they can be tested; [`Printer`] writes them.
+
+use std::io::{self, Write};
+
+use blockmirror_client::json::{job_json, volume_json, watch_item_json};
+use blockmirror_client::names::{
+    copy_mode_name, error_policy_name, event_type_name, job_state_name, sync_mode_name,
+};
+use blockmirror_client::proto::{Event, EventType, Job, Volume};
+use blockmirror_client::{WatchItem, format_rate, format_size};
+use serde_json::Value;
+
+use crate::cli::OutputFormat;
+
+/// Writes results to stdout in the chosen format.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Printer {
+    pub(crate) format: OutputFormat,
+}
+
+impl Printer {
+    pub(crate) fn job(self, job: &Job) -> io::Result<()> {
+        match self.format {
+            OutputFormat::Table => out(&job_details(job)),
+            OutputFormat::Json => json_line(&job_json(job)),
+        }
+    }
+
+    pub(crate) fn jobs(self, jobs: &[Job]) -> io::Result<()> {
+        match self.format {
+            OutputFormat::Table => out(&jobs_table(jobs)),
+            OutputFormat::Json => json_line(&Value::Array(jobs.iter().map(job_json).collect())),
+        }
+    }
+
+    pub(crate) fn volume(self, volume: &Volume) -> io::Result<()> {
+        match self.format {
+            OutputFormat::Table => out(&volume_details(volume)),
+            OutputFormat::Json => json_line(&volume_json(volume)),
+        }
+    }
+
+    pub(crate) fn volumes(self, volumes: &[Volume]) -> io::Result<()> {
+        match self.format {
+            OutputFormat::Table => out(&volumes_table(volumes)),
+            OutputFormat::Json => {
+                json_line(&Value::Array(volumes.iter().map(volume_json).collect()))
+            }
+        }
+    }
+
+    /// A confirmation: `text` for people, `json` for scripts.
+    pub(crate) fn done(self, text: &str, json: &Value) -> io::Result<()> {
+        match self.format {
+            OutputFormat::Table => out(&format!("{text}\n")),
+            OutputFormat::Json => json_line(json),
+        }
+    }
+
+    /// The line `watch` prints for an item, if any (heartbeats only in
+    /// JSON). Includes the newline.
+    pub(crate) fn watch_line(self, item: &WatchItem) -> Option<String> {
+        match self.format {
+            OutputFormat::Table => watch_item_line(item).map(|l| format!("{l}\n")),
+            OutputFormat::Json => Some(format!("{}\n", watch_item_json(item))),
+        }
+    }
+}
+
+/// Writes `s` to stdout and flushes (so `watch` lines appear at once).
+pub(crate) fn out(s: &str) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(s.as_bytes())?;
+    stdout.flush()
+}
+
+fn json_line(v: &Value) -> io::Result<()> {
+    out(&format!("{v}\n"))
+}
+
+/// Columns aligned with two spaces; the last column is not padded.
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut s = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let last = row.len().saturating_sub(1);
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i == last {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// `key: value` lines with the values aligned.
+fn details(pairs: &[(&str, String)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+/// `64 MiB (67108864)`.
+fn bytes(n: u64) -> String {
+    if n < 1024 {
+        format!("{n} B")
+    } else {
+        format!("{} ({n})", format_size(n))
+    }
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn percent(done: u64, total: u64) -> String {
+    if total == 0 {
+        "-".to_owned()
+    } else {
+        // Display only: f64 rounding is fine.
+        #[allow(clippy::cast_precision_loss)]
+        let pct = done as f64 * 100.0 / total as f64;
+        format!("{pct:.1}%")
+    }
+}
+
+fn progress_cell(job: &Job) -> String {
+    format!(
+        "{}/{} ({})",
+        format_size(job.current_progress_bytes),
+        format_size(job.total_progress_bytes),
+        percent(job.current_progress_bytes, job.total_progress_bytes)
+    )
+}
+
+/// RFC 3339, or `-` if unset.
+fn timestamp(ts: Option<&prost_types::Timestamp>) -> String {
+    ts.map_or_else(|| "-".to_owned(), ToString::to_string)
+}
+
+pub(crate) fn job_details(job: &Job) -> String {
+    let mut pairs = vec![
+        ("id", job.id.clone()),
+        ("state", job_state_name(job.state()).to_owned()),
+        ("copy_mode", copy_mode_name(job.copy_mode()).to_owned()),
+        ("actively_synced", job.actively_synced.to_string()),
+        (
+            "progress",
+            percent(job.current_progress_bytes, job.total_progress_bytes),
+        ),
+        ("current_progress", bytes(job.current_progress_bytes)),
+        ("total_progress", bytes(job.total_progress_bytes)),
+        ("dirty_bytes", bytes(job.dirty_bytes)),
+        ("copy_rate", format_rate(job.copy_rate_bytes_per_sec)),
+        ("dirty_rate", format_rate(job.dirty_rate_bytes_per_sec)),
+        (
+            "speed",
+            if job.speed_bytes_per_sec == 0 {
+                "unlimited".to_owned()
+            } else {
+                format_rate(job.speed_bytes_per_sec)
+            },
+        ),
+        ("in_flight_bytes", bytes(job.in_flight_bytes)),
+        ("peak_in_flight_bytes", bytes(job.peak_in_flight_bytes)),
+        ("copied_bytes", bytes(job.copied_bytes)),
+        ("pivoted", job.pivoted.to_string()),
+        ("error", or_dash(&job.error)),
+        ("created_at", timestamp(job.created_at.as_ref())),
+        ("updated_at", timestamp(job.updated_at.as_ref())),
+        ("last_event_sequence", job.last_event_sequence.to_string()),
+    ];
+    if let Some(spec) = &job.spec {
+        let default_or = |n: u64, default: &str| {
+            if n == 0 {
+                default.to_owned()
+            } else {
+                format_size(n)
+            }
+        };
+        pairs.extend([
+            ("source_volume", spec.source_volume.clone()),
+            ("target", spec.target.clone()),
+            ("sync", sync_mode_name(spec.sync()).to_owned()),
+            (
+                "requested_mode",
+                copy_mode_name(spec.copy_mode()).to_owned(),
+            ),
+            ("granularity", default_or(spec.granularity_bytes, "default")),
+            ("buf_size", default_or(spec.buf_size_bytes, "default")),
+            (
+                "on_source_error",
+                error_policy_name(spec.on_source_error()).to_owned(),
+            ),
+            (
+                "on_target_error",
+                error_policy_name(spec.on_target_error()).to_owned(),
+            ),
+            (
+                "auto_finalize",
+                spec.auto_finalize.unwrap_or(true).to_string(),
+            ),
+            (
+                "auto_dismiss",
+                spec.auto_dismiss.unwrap_or(true).to_string(),
+            ),
+        ]);
+        if !spec.bitmap.is_empty() {
+            pairs.push(("bitmap", spec.bitmap.clone()));
+        }
+    }
+    details(&pairs)
+}
+
+pub(crate) fn jobs_table(jobs: &[Job]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let spec = j.spec.clone().unwrap_or_default();
+            vec![
+                j.id.clone(),
+                or_dash(&spec.source_volume),
+                or_dash(&spec.target),
+                job_state_name(j.state()).to_owned(),
+                copy_mode_name(j.copy_mode()).to_owned(),
+                if j.actively_synced { "yes" } else { "no" }.to_owned(),
+                progress_cell(j),
+                format_size(j.dirty_bytes),
+                format_rate(j.copy_rate_bytes_per_sec),
+                or_dash(&j.error),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "SOURCE", "TARGET", "STATE", "MODE", "SYNCED", "PROGRESS", "DIRTY", "RATE",
+            "ERROR",
+        ],
+        &rows,
+    )
+}
+
+fn limits_cell(v: &Volume) -> String {
+    let l = v.limits.unwrap_or_default();
+    match (l.write_bytes_per_sec, l.write_iops) {
+        (0, 0) => "-".to_owned(),
+        (bps, 0) => format_rate(bps),
+        (0, iops) => format!("{iops} iops"),
+        (bps, iops) => format!("{}, {iops} iops", format_rate(bps)),
+    }
+}
+
+pub(crate) fn volume_details(v: &Volume) -> String {
+    let l = v.limits.unwrap_or_default();
+    details(&[
+        ("name", v.name.clone()),
+        ("size", bytes(v.size_bytes)),
+        ("path", v.path.clone()),
+        ("block_size", format!("{} B", v.block_size_bytes)),
+        (
+            "write_bps",
+            if l.write_bytes_per_sec == 0 {
+                "unlimited".to_owned()
+            } else {
+                format_rate(l.write_bytes_per_sec)
+            },
+        ),
+        (
+            "write_iops",
+            if l.write_iops == 0 {
+                "unlimited".to_owned()
+            } else {
+                l.write_iops.to_string()
+            },
+        ),
+        ("job_id", or_dash(&v.job_id)),
+        ("direct_io", v.direct_io.to_string()),
+    ])
+}
+
+pub(crate) fn volumes_table(volumes: &[Volume]) -> String {
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                format_size(v.size_bytes),
+                v.block_size_bytes.to_string(),
+                or_dash(&v.job_id),
+                if v.direct_io { "yes" } else { "no" }.to_owned(),
+                limits_cell(v),
+                v.path.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "SIZE", "BLOCK", "JOB", "DIRECT", "LIMITS", "PATH"],
+        &rows,
+    )
+}
+
+/// One human line for a watch item; `None` for heartbeats.
+pub(crate) fn watch_item_line(item: &WatchItem) -> Option<String> {
+    match item {
+        WatchItem::Heartbeat { .. } => None,
+        WatchItem::Event(ev) => Some(event_line(ev)),
+        WatchItem::Snapshot(job) => Some(format!(
+            "{}  #{}  {}  SNAPSHOT  state {}, mode {}, copied {}, dirty {}{}",
+            timestamp(job.updated_at.as_ref()),
+            job.last_event_sequence,
+            job.id,
+            job_state_name(job.state()),
+            copy_mode_name(job.copy_mode()),
+            progress_cell(job),
+            format_size(job.dirty_bytes),
+            if job.error.is_empty() {
+                String::new()
+            } else {
+                format!(", error: {}", job.error)
+            }
+        )),
+    }
+}
+
+/// `TIME  #SEQ  JOB  TYPE  details`.
+pub(crate) fn event_line(ev: &Event) -> String {
+    let kind = ev.r#type();
+    let progress = || {
+        format!(
+            "copied {}/{} ({}), dirty {}, copy {}, dirtying {}",
+            format_size(ev.current_progress_bytes),
+            format_size(ev.total_progress_bytes),
+            percent(ev.current_progress_bytes, ev.total_progress_bytes),
+            format_size(ev.dirty_bytes),
+            format_rate(ev.copy_rate_bytes_per_sec),
+            format_rate(ev.dirty_rate_bytes_per_sec),
+        )
+    };
+    let detail = match kind {
+        EventType::JobStatusChange => format!("state {}", job_state_name(ev.state())),
+        EventType::BlockJobReady | EventType::BlockJobCancelled | EventType::Progress => progress(),
+        EventType::BlockJobCompleted => {
+            let mut d = format!(
+                "pivoted {}, guest pause {}",
+                ev.pivoted,
+                format_micros(ev.pause_us)
+            );
+            if !ev.error.is_empty() {
+                d.push_str(&format!(", error: {}", ev.error));
+            }
+            d
+        }
+        EventType::BlockJobError => format!(
+            "{} {} failed, action {}: {}",
+            or_dash(&ev.side),
+            or_dash(&ev.operation),
+            or_dash(&ev.action),
+            ev.error
+        ),
+        EventType::CopyModeChanged => format!(
+            "{} -> {}{}",
+            copy_mode_name(ev.from_mode()),
+            copy_mode_name(ev.to_mode()),
+            if ev.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", ev.reason)
+            }
+        ),
+        EventType::BlockJobPending | EventType::JobDismissed | EventType::Unspecified => {
+            String::new()
+        }
+    };
+    let head = format!(
+        "{}  #{}  {}  {}",
+        timestamp(ev.time.as_ref()),
+        ev.sequence,
+        ev.job_id,
+        event_type_name(kind)
+    );
+    if detail.is_empty() {
+        head
+    } else {
+        format!("{head}  {detail}")
+    }
+}
+
+/// `850 us`, `12.3 ms`, `1.20 s`.
+fn format_micros(us: u64) -> String {
+    // Display only: f64 rounding is fine.
+    #[allow(clippy::cast_precision_loss)]
+    let f = us as f64;
+    if us < 1000 {
+        format!("{us} us")
+    } else if us < 1_000_000 {
+        format!("{:.1} ms", f / 1e3)
+    } else {
+        format!("{:.2} s", f / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockmirror_client::proto::{CopyMode, IoLimits, JobState, MirrorSpec};
+
+    fn job() -> Job {
+        let mut j = Job {
+            id: "j1".into(),
+            spec: Some(MirrorSpec {
+                source_volume: "src".into(),
+                target: "volume:dst".into(),
+                ..MirrorSpec::default()
+            }),
+            current_progress_bytes: 512 << 20,
+            total_progress_bytes: 1 << 30,
+            dirty_bytes: 4 << 20,
+            ..Job::default()
+        };
+        j.set_state(JobState::Running);
+        j.set_copy_mode(CopyMode::WriteBlocking);
+        j
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "BB"],
+            &[
+                vec!["xxx".into(), "1".into()],
+                vec!["y".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A    BB\nxxx  1\ny    22\n");
+    }
+
+    #[test]
+    fn job_list_and_details() {
+        let t = jobs_table(&[job()]);
+        let mut lines = t.lines();
+        assert!(lines.next().unwrap().starts_with("ID  SOURCE  TARGET"));
+        let row = lines.next().unwrap();
+        assert!(
+            row.contains("running") && row.contains("write-blocking"),
+            "{row}"
+        );
+        assert!(row.contains("512 MiB/1 GiB (50.0%)"), "{row}");
+
+        let d = job_details(&job());
+        assert!(d.contains("\nstate: "), "{d}");
+        assert!(
+            d.lines()
+                .any(|l| l.starts_with("state:") && l.ends_with(" running"))
+        );
+        assert!(
+            d.lines()
+                .any(|l| l.starts_with("copy_mode:") && l.ends_with(" write-blocking"))
+        );
+        assert!(
+            d.lines()
+                .any(|l| l.starts_with("dirty_bytes:") && l.ends_with("4 MiB (4194304)"))
+        );
+        assert!(
+            d.lines()
+                .any(|l| l.starts_with("target:") && l.ends_with("volume:dst"))
+        );
+        // Values start in one column.
+        let starts: Vec<usize> = d
+            .lines()
+            .map(|l| {
+                let colon = l.find(':').unwrap();
+                colon + 1 + l[colon + 1..].len() - l[colon + 1..].trim_start().len()
+            })
+            .collect();
+        assert!(starts.windows(2).all(|w| w[0] == w[1]), "{d}");
+    }
+
+    #[test]
+    fn volume_list_and_details() {
+        let v = Volume {
+            name: "v1".into(),
+            size_bytes: 1 << 30,
+            path: "/tmp/v1.raw".into(),
+            block_size_bytes: 512,
+            limits: Some(IoLimits {
+                write_bytes_per_sec: 20 << 20,
+                write_iops: 0,
+            }),
+            job_id: String::new(),
+            direct_io: false,
+        };
+        let t = volumes_table(std::slice::from_ref(&v));
+        assert_eq!(
+            t,
+            "NAME  SIZE   BLOCK  JOB  DIRECT  LIMITS    PATH\n\
+             v1    1 GiB  512    -    no      20 MiB/s  /tmp/v1.raw\n"
+        );
+        let d = volume_details(&v);
+        assert!(
+            d.lines().any(|l| l == "size:       1 GiB (1073741824)"),
+            "{d}"
+        );
+        assert!(d.lines().any(|l| l == "write_iops: unlimited"), "{d}");
+    }
+
+    #[test]
+    fn event_lines() {
+        let mut ev = Event {
+            sequence: 3,
+            job_id: "j1".into(),
+            ..Event::default()
+        };
+        ev.set_type(EventType::JobStatusChange);
+        ev.set_state(JobState::Ready);
+        assert_eq!(event_line(&ev), "-  #3  j1  JOB_STATUS_CHANGE  state ready");
+        ev.set_type(EventType::BlockJobCompleted);
+        ev.pivoted = true;
+        ev.pause_us = 12_345;
+        assert_eq!(
+            event_line(&ev),
+            "-  #3  j1  BLOCK_JOB_COMPLETED  pivoted true, guest pause 12.3 ms"
+        );
+        ev.set_type(EventType::JobDismissed);
+        assert_eq!(event_line(&ev), "-  #3  j1  JOB_DISMISSED");
+        assert_eq!(
+            watch_item_line(&WatchItem::Heartbeat { latest_sequence: 1 }),
+            None
+        );
+    }
+
+    #[test]
+    fn printer_skips_heartbeats_only_in_tables() {
+        let hb = WatchItem::Heartbeat { latest_sequence: 5 };
+        let table = Printer {
+            format: OutputFormat::Table,
+        };
+        let json = Printer {
+            format: OutputFormat::Json,
+        };
+        assert_eq!(table.watch_line(&hb), None);
+        assert_eq!(
+            json.watch_line(&hb).as_deref(),
+            Some("{\"latest_sequence\":5,\"type\":\"HEARTBEAT\"}\n")
+        );
+        let line = json.watch_line(&WatchItem::Snapshot(job())).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["type"], "SNAPSHOT");
+        assert_eq!(v["job"]["state"], "running");
+    }
+
+    #[test]
+    fn micros() {
+        assert_eq!(format_micros(850), "850 us");
+        assert_eq!(format_micros(1_200_000), "1.20 s");
+    }
+}

@@ -1,0 +1,146 @@
+//! Live progress bars on stderr for `--wait` and `watch`, fed from job views
+//! (snapshots, status changes, PROGRESS events). Drawn only when stderr is a
+//! terminal; otherwise every call is a no-op, so scripts see clean output.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+
+use blockmirror_client::{JobView, format_rate, format_size};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// `JOB [=====>    ] state  copied/total  dirty  rate  ETA`.
+const TEMPLATE: &str = "{prefix} [{bar:30}] {msg}";
+
+/// One bar per job, or nothing when stderr is not a terminal.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// The bars' drawing surface; `None` when disabled.
+    multi: Option<MultiProgress>,
+    /// Bars by job id.
+    bars: HashMap<String, ProgressBar>,
+}
+
+impl Progress {
+    /// Bars on stderr if it is a terminal.
+    pub(crate) fn new() -> Self {
+        let multi = std::io::stderr()
+            .is_terminal()
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Self {
+            multi,
+            bars: HashMap::new(),
+        }
+    }
+
+    /// Shows the job's current state; finished jobs lose their bar.
+    pub(crate) fn update(&mut self, view: &JobView) {
+        let Some(multi) = &self.multi else { return };
+        if view.is_finished() {
+            self.remove(&view.id);
+            return;
+        }
+        let bar = self.bars.entry(view.id.clone()).or_insert_with(|| {
+            let bar = multi.add(ProgressBar::new(1));
+            let style = ProgressStyle::with_template(TEMPLATE)
+                .map(|s| s.progress_chars("=> "))
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.set_prefix(view.id.clone());
+            bar
+        });
+        bar.set_length(view.total_progress.max(1));
+        bar.set_position(view.current_progress.min(view.total_progress));
+        bar.set_message(status_text(view));
+    }
+
+    /// Removes a job's bar.
+    pub(crate) fn remove(&mut self, id: &str) {
+        if let Some(bar) = self.bars.remove(id) {
+            bar.finish_and_clear();
+            if let Some(multi) = &self.multi {
+                multi.remove(&bar);
+            }
+        }
+    }
+
+    /// Removes every bar.
+    pub(crate) fn clear(&mut self) {
+        let ids: Vec<String> = self.bars.keys().cloned().collect();
+        for id in ids {
+            self.remove(&id);
+        }
+    }
+
+    /// Runs `f` (which prints to stdout) with the bars hidden, so lines and
+    /// bars do not mix on a shared terminal.
+    pub(crate) fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        match &self.multi {
+            Some(multi) if !self.bars.is_empty() => multi.suspend(f),
+            _ => f(),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// `running  512 MiB/1 GiB  dirty 4 MiB  100 MiB/s  ETA 5s`.
+pub(crate) fn status_text(view: &JobView) -> String {
+    let mut s = format!(
+        "{}  {}/{}  dirty {}  {}",
+        view.state_name(),
+        format_size(view.current_progress),
+        format_size(view.total_progress),
+        format_size(view.dirty_bytes),
+        format_rate(view.copy_rate),
+    );
+    if let Some(eta) = view.eta_secs() {
+        s.push_str(&format!("  ETA {}", format_eta(eta)));
+    }
+    s
+}
+
+/// `45s`, `3m05s`, `2h07m`.
+fn format_eta(secs: u64) -> String {
+    if secs < 60 {
+        format!("{secs}s")
+    } else if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockmirror_client::proto::{Job, JobState};
+
+    #[test]
+    fn status_line() {
+        let mut job = Job {
+            id: "j".into(),
+            current_progress_bytes: 512 << 20,
+            total_progress_bytes: 1 << 30,
+            dirty_bytes: 4 << 20,
+            copy_rate_bytes_per_sec: 100 << 20,
+            ..Job::default()
+        };
+        job.set_state(JobState::Running);
+        let view = JobView::from_job(&job);
+        assert_eq!(
+            status_text(&view),
+            "running  512 MiB/1 GiB  dirty 4 MiB  100 MiB/s  ETA 6s"
+        );
+    }
+
+    #[test]
+    fn eta() {
+        assert_eq!(format_eta(5), "5s");
+        assert_eq!(format_eta(185), "3m05s");
+        assert_eq!(format_eta(7620), "2h07m");
+    }
+}

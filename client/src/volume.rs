@@ -1,0 +1,157 @@
+//! [`VolumeClient`]: typed calls of `blockmirror.v1.VolumeService`.
+
+use blockmirror_proto::v1::{
+    AttachVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest, GetVolumeRequest, IoLimits,
+    ListVolumesRequest, SetVolumeLimitsRequest, Volume, volume_service_client::VolumeServiceClient,
+};
+use tonic::transport::Channel;
+
+use crate::error::ClientError;
+
+/// Calls of the volume service.
+#[derive(Debug, Clone)]
+pub struct VolumeClient {
+    /// The generated stub; cloned per call because its methods take `&mut`.
+    inner: VolumeServiceClient<Channel>,
+}
+
+/// New write limits for a volume; a `None` field keeps the current value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitsUpdate {
+    /// Write bytes per second, 0 = unlimited.
+    pub write_bytes_per_sec: Option<u64>,
+    /// Write operations per second, 0 = unlimited.
+    pub write_iops: Option<u64>,
+}
+
+impl VolumeClient {
+    pub(crate) fn new(channel: Channel) -> Self {
+        Self {
+            inner: VolumeServiceClient::new(channel),
+        }
+    }
+
+    /// Creates a new sparse raw file of `size_bytes` and registers it as
+    /// volume `name`. `path = None` lets the server choose
+    /// (`STATE_DIR/volumes/NAME.raw`).
+    ///
+    /// # Errors
+    ///
+    /// The server's status, e.g. `ALREADY_EXISTS` or `INVALID_ARGUMENT`.
+    pub async fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        path: Option<&str>,
+    ) -> Result<Volume, ClientError> {
+        let req = CreateVolumeRequest {
+            name: name.to_owned(),
+            size_bytes,
+            path: path.unwrap_or_default().to_owned(),
+        };
+        Ok(self.inner.clone().create_volume(req).await?.into_inner())
+    }
+
+    /// Registers an existing file or block device at `path` as volume
+    /// `name`, opened with `O_DIRECT` if `direct_io`.
+    ///
+    /// # Errors
+    ///
+    /// The server's status.
+    pub async fn attach(
+        &self,
+        name: &str,
+        path: &str,
+        direct_io: bool,
+    ) -> Result<Volume, ClientError> {
+        let req = AttachVolumeRequest {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            direct_io,
+        };
+        Ok(self.inner.clone().attach_volume(req).await?.into_inner())
+    }
+
+    /// One volume by name.
+    ///
+    /// # Errors
+    ///
+    /// `NOT_FOUND` if there is no such volume.
+    pub async fn get(&self, name: &str) -> Result<Volume, ClientError> {
+        let req = GetVolumeRequest {
+            name: name.to_owned(),
+        };
+        Ok(self.inner.clone().get_volume(req).await?.into_inner())
+    }
+
+    /// All volumes.
+    ///
+    /// # Errors
+    ///
+    /// The server's status.
+    pub async fn list(&self) -> Result<Vec<Volume>, ClientError> {
+        let resp = self
+            .inner
+            .clone()
+            .list_volumes(ListVolumesRequest {})
+            .await?;
+        Ok(resp.into_inner().volumes)
+    }
+
+    /// Forgets a volume; its file stays.
+    ///
+    /// # Errors
+    ///
+    /// `NOT_FOUND`, or `FAILED_PRECONDITION` while a job uses the volume.
+    pub async fn delete(&self, name: &str) -> Result<(), ClientError> {
+        let req = DeleteVolumeRequest {
+            name: name.to_owned(),
+        };
+        self.inner.clone().delete_volume(req).await?;
+        Ok(())
+    }
+
+    /// Replaces the volume's write limits (0 = unlimited).
+    ///
+    /// # Errors
+    ///
+    /// The server's status.
+    pub async fn set_limits(&self, name: &str, limits: IoLimits) -> Result<Volume, ClientError> {
+        let req = SetVolumeLimitsRequest {
+            name: name.to_owned(),
+            limits: Some(limits),
+        };
+        Ok(self
+            .inner
+            .clone()
+            .set_volume_limits(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Changes only the limits given in `update`, keeping the others. The
+    /// proto replaces both limits at once, so this reads the volume first;
+    /// two concurrent updates of different limits can race.
+    ///
+    /// # Errors
+    ///
+    /// The server's status from the read or the update.
+    pub async fn update_limits(
+        &self,
+        name: &str,
+        update: LimitsUpdate,
+    ) -> Result<Volume, ClientError> {
+        let current = if update.write_bytes_per_sec.is_some() && update.write_iops.is_some() {
+            IoLimits::default()
+        } else {
+            self.get(name).await?.limits.unwrap_or_default()
+        };
+        let limits = IoLimits {
+            write_bytes_per_sec: update
+                .write_bytes_per_sec
+                .unwrap_or(current.write_bytes_per_sec),
+            write_iops: update.write_iops.unwrap_or(current.write_iops),
+        };
+        self.set_limits(name, limits).await
+    }
+}

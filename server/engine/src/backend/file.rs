@@ -1,0 +1,180 @@
+//! A raw file or block device as a backend.
+
+use super::{Allocation, BlockBackend};
+use nix::fcntl::{FallocateFlags, fallocate};
+use nix::unistd::{Whence, lseek};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+
+/// Zero buffer size used when the filesystem cannot zero a range itself.
+const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+
+/// A raw image file or a block device.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    path: String,
+    size: u64,
+    is_block_device: bool,
+}
+
+impl FileBackend {
+    /// Opens an existing file or block device for reading and writing.
+    ///
+    /// # Errors
+    /// The OS error of `open`, or of finding the size.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+        let meta = file.metadata()?;
+        let is_block_device = meta.file_type().is_block_device();
+        if !is_block_device && !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            ));
+        }
+        let size = file.seek(SeekFrom::End(0))?;
+        Ok(Self {
+            file,
+            path: path.display().to_string(),
+            size,
+            is_block_device,
+        })
+    }
+
+    /// Creates a new sparse file of `size` bytes; fails if it exists.
+    ///
+    /// # Errors
+    /// The OS error of creating or sizing the file.
+    pub fn create(path: &Path, size: u64) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(size)?;
+        Ok(Self {
+            file,
+            path: path.display().to_string(),
+            size,
+            is_block_device: false,
+        })
+    }
+
+    fn zero_fill(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        let zeroes = vec![0u8; ZERO_FILL_CHUNK_BYTES];
+        while offset < end {
+            let n = usize::try_from(end - offset)
+                .unwrap_or(usize::MAX)
+                .min(zeroes.len());
+            self.file.write_all_at(&zeroes[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn off_t(v: u64) -> io::Result<i64> {
+    i64::try_from(v).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
+}
+
+impl BlockBackend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.is_block_device {
+            let flags = if punch {
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+            } else {
+                FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+            };
+            if fallocate(&self.file, flags, off_t(offset)?, off_t(len)?).is_ok() {
+                return Ok(());
+            }
+        }
+        self.zero_fill(offset, len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Allocation> {
+        let end = offset.saturating_add(len).min(self.size);
+        if self.is_block_device || offset >= end {
+            return Ok(Allocation::Data { end });
+        }
+        match lseek(&self.file, off_t(offset)?, Whence::SeekData) {
+            Err(nix::errno::Errno::ENXIO) => Ok(Allocation::Hole { end }),
+            Err(_) => Ok(Allocation::Data { end }),
+            Ok(data) => {
+                let data = u64::try_from(data).unwrap_or(offset);
+                if data > offset {
+                    return Ok(Allocation::Hole { end: data.min(end) });
+                }
+                let hole = lseek(&self.file, off_t(offset)?, Whence::SeekHole)
+                    .ok()
+                    .and_then(|h| u64::try_from(h).ok())
+                    .unwrap_or(end);
+                Ok(Allocation::Data {
+                    end: hole.clamp(offset + 1, end),
+                })
+            }
+        }
+    }
+
+    fn is_known_zero(&self) -> bool {
+        !self.is_block_device
+            && matches!(
+                lseek(&self.file, 0, Whence::SeekData),
+                Err(nix::errno::Errno::ENXIO)
+            )
+    }
+
+    fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_and_data_are_classified() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("img");
+        let b = FileBackend::create(&path, 8 << 20).unwrap();
+        assert!(b.is_known_zero());
+        b.write_at(&[1u8; 4096], 4 << 20).unwrap();
+        assert!(!b.is_known_zero());
+        assert_eq!(
+            b.allocation(0, 8 << 20).unwrap(),
+            Allocation::Hole { end: 4 << 20 }
+        );
+        assert!(matches!(
+            b.allocation(4 << 20, 1 << 20).unwrap(),
+            Allocation::Data { .. }
+        ));
+        b.write_zeroes(4 << 20, 4096, true).unwrap();
+        let mut buf = [9u8; 4096];
+        b.read_at(&mut buf, 4 << 20).unwrap();
+        assert!(buf.iter().all(|&x| x == 0));
+    }
+}

@@ -1,0 +1,65 @@
+//! Block backends: the storage under a volume or a mirror target.
+//!
+//! Backends are synchronous (`pread`/`pwrite`-style); the engine calls them
+//! from blocking threads ([`tokio::task::spawn_blocking`]), never inline on
+//! a runtime worker.
+
+mod file;
+mod mem;
+
+pub use file::FileBackend;
+pub use mem::MemBackend;
+
+use std::fmt;
+use std::io;
+
+/// Whether a byte range of a backend holds data or reads as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// `[offset, end)` may hold data.
+    Data {
+        /// Exclusive end of the data extent (clamped to the asked range).
+        end: u64,
+    },
+    /// `[offset, end)` is a hole and reads as zeroes.
+    Hole {
+        /// Exclusive end of the hole (clamped to the asked range).
+        end: u64,
+    },
+}
+
+/// A block device the engine can read and write.
+pub trait BlockBackend: Send + Sync + fmt::Debug + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`. The range is within [`Self::size`].
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`. The range is within [`Self::size`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes `[offset, offset+len)` read as zeroes; `punch` allows
+    /// deallocating it (a hole) instead of writing zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Classifies the start of `[offset, offset+len)` as data or hole.
+    /// Backends that cannot tell report data.
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Allocation> {
+        Ok(Allocation::Data {
+            end: offset.saturating_add(len),
+        })
+    }
+    /// True when the whole device is known to read as zeroes (a fresh
+    /// sparse file), so a full mirror onto it can skip the source's holes.
+    fn is_known_zero(&self) -> bool {
+        false
+    }
+    /// The file or device path, for display and persistence.
+    fn path(&self) -> &str;
+}
+
+/// Reads `[offset, offset + len)` into a new buffer.
+pub(crate) fn read_vec(backend: &dyn BlockBackend, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    backend.read_at(&mut buf, offset)?;
+    Ok(buf)
+}

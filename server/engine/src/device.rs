@@ -1,0 +1,109 @@
+//! Async access to a backend: blocking I/O on the blocking pool, with the
+//! write limits of the volume it belongs to.
+
+use crate::backend::{Allocation, BlockBackend};
+use crate::error::{EngineError, Result};
+use crate::throttle::Throttle;
+use bytes::Bytes;
+use std::io;
+use std::sync::Arc;
+
+/// A backend plus the throttle its writes pass through.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// The storage.
+    pub backend: Arc<dyn BlockBackend>,
+    /// Write limits (shared with the owning volume), if any.
+    pub throttle: Option<Arc<Throttle>>,
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| EngineError::io(what, e)),
+        Err(e) => Err(EngineError::io(what, io::Error::other(e.to_string()))),
+    }
+}
+
+impl Device {
+    /// A device without limits.
+    pub fn unthrottled(backend: Arc<dyn BlockBackend>) -> Self {
+        Self {
+            backend,
+            throttle: None,
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    async fn throttle(&self, bytes: u64) {
+        if let Some(t) = &self.throttle {
+            t.acquire(bytes).await;
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    ///
+    /// # Errors
+    /// The backend's I/O error.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let b = Arc::clone(&self.backend);
+        blocking("reading", move || {
+            crate::backend::read_vec(&*b, offset, len)
+        })
+        .await
+        .map(Bytes::from)
+    }
+
+    /// Writes `data` at `offset`; with `fua`, durable on return.
+    ///
+    /// # Errors
+    /// The backend's I/O error.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.throttle(data.len() as u64).await;
+        let b = Arc::clone(&self.backend);
+        blocking("writing", move || {
+            b.write_at(&data, offset)?;
+            if fua { b.flush() } else { Ok(()) }
+        })
+        .await
+    }
+
+    /// Makes a range read as zeroes (`punch`: may deallocate).
+    ///
+    /// # Errors
+    /// The backend's I/O error.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, punch: bool, fua: bool) -> Result<()> {
+        // Zeroing costs one operation, not `len` bytes of bandwidth.
+        self.throttle(0).await;
+        let b = Arc::clone(&self.backend);
+        blocking("writing zeroes", move || {
+            b.write_zeroes(offset, len, punch)?;
+            if fua { b.flush() } else { Ok(()) }
+        })
+        .await
+    }
+
+    /// Flushes completed writes to stable storage.
+    ///
+    /// # Errors
+    /// The backend's I/O error.
+    pub async fn flush(&self) -> Result<()> {
+        let b = Arc::clone(&self.backend);
+        blocking("flushing", move || b.flush()).await
+    }
+
+    /// Data or hole at the start of a range.
+    ///
+    /// # Errors
+    /// The backend's I/O error.
+    pub async fn allocation(&self, offset: u64, len: u64) -> Result<Allocation> {
+        let b = Arc::clone(&self.backend);
+        blocking("querying allocation", move || b.allocation(offset, len)).await
+    }
+}

@@ -1,0 +1,601 @@
+//! The engine: the registry of volumes and jobs, their persistence, and the
+//! entry points the front ends (gRPC, NBD) call.
+
+use crate::backend::{BlockBackend, FileBackend};
+use crate::device::Device;
+use crate::error::{EngineError, ErrorKind, Result};
+use crate::events::EventLog;
+use crate::job::active::ActiveMirror;
+use crate::job::spec::{CopyMode, MirrorSpec, TargetSpec};
+use crate::job::state::JobStatus;
+use crate::job::{Job, JobInfo, JobParts, PersistFn};
+use crate::names::validate_name;
+use crate::store::{JobRecord, Store, VolumeRecord};
+use crate::throttle::RateLimits;
+use crate::volume::{Volume, VolumeRole};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Events kept for replay.
+    pub event_history: usize,
+}
+
+/// A read-only picture of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Current backing path.
+    pub path: String,
+    /// Logical block size.
+    pub block_size_bytes: u32,
+    /// Write limits.
+    pub limits: RateLimits,
+    /// The job using it, if any.
+    pub job_id: Option<String>,
+}
+
+type Registry<T> = Arc<Mutex<BTreeMap<String, T>>>;
+
+/// The mirror engine.
+#[derive(Debug)]
+pub struct Engine {
+    store: Arc<Store>,
+    volumes: Registry<Arc<Volume>>,
+    jobs: Registry<Arc<Job>>,
+    /// Jobs known only from their records (from before a restart).
+    restored: Registry<JobRecord>,
+    events: Arc<EventLog>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Registries are maps updated by single insert/remove calls; never torn.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn volume_info(v: &Volume) -> VolumeInfo {
+    VolumeInfo {
+        name: v.name().to_owned(),
+        size_bytes: v.size(),
+        path: v.path(),
+        block_size_bytes: v.block_size(),
+        limits: v.limits(),
+        job_id: v.user().map(|(j, _)| j),
+    }
+}
+
+fn save_volumes(store: &Store, volumes: &Mutex<BTreeMap<String, Arc<Volume>>>) -> Result<()> {
+    let records: Vec<VolumeRecord> = lock(volumes)
+        .values()
+        .map(|v| VolumeRecord {
+            name: v.name().to_owned(),
+            path: PathBuf::from(v.path()),
+            limits: v.limits(),
+        })
+        .collect();
+    store.save_volumes(&records)
+}
+
+fn open_file(path: &Path) -> Result<Arc<dyn BlockBackend>> {
+    let b = FileBackend::open(path)
+        .map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
+    Ok(Arc::new(b))
+}
+
+impl Engine {
+    /// Opens the state directory and restores volumes and job records.
+    ///
+    /// # Errors
+    /// `Io` if the state directory is unusable.
+    pub fn open(config: EngineConfig) -> Result<Arc<Self>> {
+        let store = Arc::new(Store::open(&config.state_dir)?);
+        let mut volumes = BTreeMap::new();
+        for rec in store.load_volumes()? {
+            match open_file(&rec.path) {
+                Ok(backend) => {
+                    volumes.insert(rec.name.clone(), Volume::new(rec.name, backend, rec.limits));
+                }
+                Err(e) => {
+                    tracing::error!(volume = %rec.name, error = %e.chain(), "volume not restored")
+                }
+            }
+        }
+        let mut restored = BTreeMap::new();
+        for mut rec in store.load_jobs()? {
+            if !rec.status.is_terminal() {
+                rec.status = JobStatus::Concluded;
+                rec.error = Some(
+                    "interrupted: blockmirrord stopped before the job finished; start it again"
+                        .into(),
+                );
+                store.save_job(&rec)?;
+            }
+            restored.insert(rec.id.clone(), rec);
+        }
+        tracing::info!(volumes = volumes.len(), jobs = restored.len(), dir = %config.state_dir.display(), "state restored");
+        Ok(Arc::new(Self {
+            store,
+            volumes: Arc::new(Mutex::new(volumes)),
+            jobs: Arc::default(),
+            restored: Arc::new(Mutex::new(restored)),
+            events: Arc::new(EventLog::new(config.event_history)),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        self.store.dir()
+    }
+
+    fn save_volumes(&self) -> Result<()> {
+        save_volumes(&self.store, &self.volumes)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.shutdown.is_cancelled() {
+            return Err(EngineError::new(
+                ErrorKind::Unavailable,
+                "blockmirrord is shutting down",
+            ));
+        }
+        Ok(())
+    }
+
+    // ----- volumes -----
+
+    /// A volume by name.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn volume(&self, name: &str) -> Result<Arc<Volume>> {
+        lock(&self.volumes)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::not_found(format!("volume {name:?} does not exist")))
+    }
+
+    fn insert_volume(&self, name: &str, backend: Arc<dyn BlockBackend>) -> Result<VolumeInfo> {
+        let v = Volume::new(name.to_owned(), backend, RateLimits::default());
+        {
+            let mut vols = lock(&self.volumes);
+            if vols.contains_key(name) {
+                return Err(EngineError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("volume {name:?} already exists"),
+                ));
+            }
+            vols.insert(name.to_owned(), Arc::clone(&v));
+        }
+        if let Err(e) = self.save_volumes() {
+            lock(&self.volumes).remove(name);
+            return Err(e);
+        }
+        tracing::info!(volume = name, path = %v.path(), size = v.size(), "volume added");
+        Ok(volume_info(&v))
+    }
+
+    /// Creates a sparse raw file of `size` bytes and registers it. With the
+    /// same name, size and path as an existing volume: returns it.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a bad name or size, `AlreadyExists`, `Io`.
+    pub fn create_volume(&self, name: &str, size: u64, path: Option<&Path>) -> Result<VolumeInfo> {
+        self.check_open()?;
+        validate_name("volume name", name)?;
+        if size == 0 || size % 512 != 0 {
+            return Err(EngineError::invalid(format!(
+                "size {size} must be a positive multiple of 512 bytes"
+            )));
+        }
+        let path = path.map_or_else(|| self.store.volume_file(name), Path::to_path_buf);
+        if let Ok(v) = self.volume(name) {
+            if v.size() == size && Path::new(&v.path()) == path {
+                return Ok(volume_info(&v));
+            }
+            return Err(EngineError::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {name:?} already exists"),
+            ));
+        }
+        let backend = FileBackend::create(&path, size).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                EngineError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("file {} already exists; attach it instead", path.display()),
+                )
+            } else {
+                EngineError::io(format!("creating {}", path.display()), e)
+            }
+        })?;
+        self.insert_volume(name, Arc::new(backend))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&path);
+            })
+    }
+
+    /// Registers an existing file or block device.
+    ///
+    /// # Errors
+    /// `InvalidArgument`, `AlreadyExists`, `NotFound` (no such file), `Io`.
+    pub fn attach_volume(&self, name: &str, path: &Path, direct_io: bool) -> Result<VolumeInfo> {
+        self.check_open()?;
+        validate_name("volume name", name)?;
+        if direct_io {
+            return Err(EngineError::invalid(
+                "direct I/O (O_DIRECT) is not supported yet",
+            ));
+        }
+        if path.as_os_str().is_empty() {
+            return Err(EngineError::invalid("path is empty"));
+        }
+        if let Ok(v) = self.volume(name) {
+            if Path::new(&v.path()) == path {
+                return Ok(volume_info(&v));
+            }
+            return Err(EngineError::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {name:?} already exists"),
+            ));
+        }
+        let backend = open_file(path)?;
+        if backend.size() == 0 {
+            return Err(EngineError::invalid(format!(
+                "{} is empty (0 bytes)",
+                path.display()
+            )));
+        }
+        self.insert_volume(name, backend)
+    }
+
+    /// A volume's description.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn get_volume(&self, name: &str) -> Result<VolumeInfo> {
+        self.volume(name).map(|v| volume_info(&v))
+    }
+
+    /// Every volume, by name.
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        lock(&self.volumes)
+            .values()
+            .map(|v| volume_info(v))
+            .collect()
+    }
+
+    /// Forgets a volume (its file stays).
+    ///
+    /// # Errors
+    /// `NotFound`; `FailedPrecondition` while a job uses it.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        self.check_open()?;
+        let v = self.volume(name)?;
+        if let Some((job, _)) = v.user() {
+            return Err(EngineError::precondition(format!(
+                "volume {name:?} is in use by job {job:?}"
+            )));
+        }
+        lock(&self.volumes).remove(name);
+        self.save_volumes()?;
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    /// Sets a volume's write limits.
+    ///
+    /// # Errors
+    /// `NotFound`, `Io` saving the definition.
+    pub fn set_volume_limits(&self, name: &str, limits: RateLimits) -> Result<VolumeInfo> {
+        let v = self.volume(name)?;
+        v.set_limits(limits);
+        self.save_volumes()?;
+        Ok(volume_info(&v))
+    }
+
+    // ----- jobs -----
+
+    fn job(&self, id: &str) -> Result<Arc<Job>> {
+        lock(&self.jobs)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::not_found(format!("job {id:?} does not exist")))
+    }
+
+    fn restored_info(rec: &JobRecord) -> JobInfo {
+        let created_at = UNIX_EPOCH + Duration::from_millis(rec.created_at_ms);
+        JobInfo {
+            id: rec.id.clone(),
+            spec: rec.spec.clone(),
+            status: rec.status,
+            copy_mode: if rec.spec.copy_mode == CopyMode::WriteBlocking {
+                CopyMode::WriteBlocking
+            } else {
+                CopyMode::Background
+            },
+            actively_synced: false,
+            progress: crate::events::Progress::default(),
+            speed_bytes_per_sec: rec.spec.speed_bytes_per_sec,
+            error: rec.error.clone(),
+            created_at,
+            updated_at: created_at,
+            last_event_sequence: 0,
+            in_flight_bytes: 0,
+            peak_in_flight_bytes: 0,
+            copied_bytes: 0,
+            pivoted: rec.pivoted,
+        }
+    }
+
+    /// Starts a mirror. Idempotent on `id`: the same spec returns the job.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (spec), `AlreadyExists` (id with another spec),
+    /// `NotFound` (volume), `FailedPrecondition` (volume in use).
+    pub fn start_mirror(&self, id: &str, spec: MirrorSpec) -> Result<JobInfo> {
+        self.check_open()?;
+        validate_name("job id", id)?;
+        spec.validate()?;
+        let existing = lock(&self.jobs).get(id).map(|j| j.spec().clone());
+        let existing = existing.or_else(|| lock(&self.restored).get(id).map(|r| r.spec.clone()));
+        if let Some(existing) = existing {
+            if existing == spec {
+                return self.get_job(id);
+            }
+            return Err(EngineError::new(
+                ErrorKind::AlreadyExists,
+                format!("job {id:?} already exists with another spec"),
+            ));
+        }
+        let source = self.volume(&spec.source_volume)?;
+        let size = source.size();
+        let (target_volume, target_backend, device) = match &spec.target {
+            TargetSpec::Volume(name) => {
+                let t = self.volume(name)?;
+                if t.size() != size {
+                    return Err(EngineError::invalid(format!(
+                        "target volume {name:?} has {} bytes; the source has {size}",
+                        t.size()
+                    )));
+                }
+                let device = t.device();
+                (Some(t), device.backend.clone(), device)
+            }
+            TargetSpec::File(path) => {
+                if path.exists() && Path::new(&source.path()) == path.as_path() {
+                    return Err(EngineError::invalid("target file is the source's own file"));
+                }
+                let backend: Arc<dyn BlockBackend> = if path.exists() {
+                    let b = open_file(path)?;
+                    if b.size() != size {
+                        return Err(EngineError::invalid(format!(
+                            "target file {} has {} bytes; the source has {size}",
+                            path.display(),
+                            b.size()
+                        )));
+                    }
+                    b
+                } else {
+                    Arc::new(FileBackend::create(path, size).map_err(|e| {
+                        EngineError::io(format!("creating target file {}", path.display()), e)
+                    })?)
+                };
+                (None, Arc::clone(&backend), Device::unthrottled(backend))
+            }
+        };
+        source.claim(id, VolumeRole::Source)?;
+        if let Some(t) = &target_volume
+            && let Err(e) = t.claim(id, VolumeRole::Target)
+        {
+            source.release(id);
+            return Err(e);
+        }
+        // validate() bounds buf_size to 1 GiB, which fits u32.
+        let buf = u32::try_from(spec.buf_size_bytes).unwrap_or(u32::MAX);
+        let mirror = Arc::new(ActiveMirror::new(
+            size,
+            spec.granularity_bytes,
+            device,
+            buf,
+            spec.copy_mode == CopyMode::WriteBlocking,
+        ));
+        let (store, volumes) = (Arc::clone(&self.store), Arc::clone(&self.volumes));
+        let persist: PersistFn = Arc::new(move || save_volumes(&store, &volumes));
+        let job = Job::new(JobParts {
+            id: id.to_owned(),
+            spec,
+            source,
+            target_volume,
+            target_backend,
+            mirror,
+            events: Arc::clone(&self.events),
+            store: Arc::clone(&self.store),
+            shutdown: self.shutdown.child_token(),
+            persist_volumes: persist,
+        });
+        lock(&self.jobs).insert(id.to_owned(), Arc::clone(&job));
+        let _ = self.store.save_job(&job.record());
+        let jobs = Arc::clone(&self.jobs);
+        job.spawn(&self.tracker, move |job| {
+            if job.status() == JobStatus::Concluded
+                && job.spec().auto_dismiss
+                && job.dismiss().is_ok()
+            {
+                lock(&jobs).remove(job.id());
+            }
+        });
+        tracing::info!(job_id = id, "mirror started");
+        Ok(job.info())
+    }
+
+    /// A job's description.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn get_job(&self, id: &str) -> Result<JobInfo> {
+        if let Ok(j) = self.job(id) {
+            return Ok(j.info());
+        }
+        lock(&self.restored)
+            .get(id)
+            .map(Self::restored_info)
+            .ok_or_else(|| EngineError::not_found(format!("job {id:?} does not exist")))
+    }
+
+    /// Every job, oldest first.
+    pub fn list_jobs(&self) -> Vec<JobInfo> {
+        let mut all: Vec<JobInfo> = lock(&self.restored)
+            .values()
+            .map(Self::restored_info)
+            .collect();
+        all.extend(lock(&self.jobs).values().map(|j| j.info()));
+        all.sort_by_key(|j| j.created_at);
+        all
+    }
+
+    fn restored_verb(&self, id: &str, verb: crate::job::state::Verb) -> EngineError {
+        match lock(&self.restored).get(id) {
+            Some(r) => EngineError::precondition(format!(
+                "job {id:?} is {}; {verb} is allowed only when it is {}",
+                r.status,
+                JobStatus::allowing(verb)
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            None => EngineError::not_found(format!("job {id:?} does not exist")),
+        }
+    }
+
+    fn with_job(
+        &self,
+        id: &str,
+        verb: crate::job::state::Verb,
+        f: impl FnOnce(&Job) -> Result<JobInfo>,
+    ) -> Result<JobInfo> {
+        match self.job(id) {
+            Ok(j) => f(&j),
+            Err(_) => Err(self.restored_verb(id, verb)),
+        }
+    }
+
+    /// Pauses copying. # Errors: `NotFound`, `FailedPrecondition`.
+    pub fn pause_job(&self, id: &str) -> Result<JobInfo> {
+        self.with_job(id, crate::job::state::Verb::Pause, Job::pause)
+    }
+    /// Resumes copying. # Errors: `NotFound`, `FailedPrecondition`.
+    pub fn resume_job(&self, id: &str) -> Result<JobInfo> {
+        self.with_job(id, crate::job::state::Verb::Resume, Job::resume)
+    }
+    /// Sets the copy rate limit. # Errors: `NotFound`, `FailedPrecondition`.
+    pub fn set_job_speed(&self, id: &str, bytes_per_sec: u64) -> Result<JobInfo> {
+        self.with_job(id, crate::job::state::Verb::SetSpeed, |j| {
+            j.set_speed(bytes_per_sec)
+        })
+    }
+    /// Changes the copy mode. # Errors: `NotFound`, `FailedPrecondition`.
+    pub fn change_job(&self, id: &str, mode: CopyMode) -> Result<JobInfo> {
+        self.with_job(id, crate::job::state::Verb::Change, |j| j.change_mode(mode))
+    }
+    /// Completes (pivots). # Errors: `NotFound`, `FailedPrecondition`.
+    pub fn complete_job(&self, id: &str) -> Result<JobInfo> {
+        self.with_job(id, crate::job::state::Verb::Complete, Job::complete)
+    }
+    /// Cancels. # Errors: `NotFound`, `FailedPrecondition`.
+    pub fn cancel_job(&self, id: &str, force: bool) -> Result<JobInfo> {
+        self.with_job(id, crate::job::state::Verb::Cancel, |j| j.cancel(force))
+    }
+    /// Finalizes a pending job. # Errors: `NotFound`, `FailedPrecondition`.
+    pub fn finalize_job(&self, id: &str) -> Result<JobInfo> {
+        self.with_job(id, crate::job::state::Verb::Finalize, Job::finalize)
+    }
+
+    /// Dismisses a concluded job: it is forgotten.
+    ///
+    /// # Errors
+    /// `NotFound`, `FailedPrecondition`.
+    pub fn dismiss_job(&self, id: &str) -> Result<JobInfo> {
+        if let Ok(j) = self.job(id) {
+            let info = j.dismiss()?;
+            lock(&self.jobs).remove(id);
+            return Ok(info);
+        }
+        let rec = lock(&self.restored).remove(id);
+        let Some(mut rec) = rec else {
+            return Err(EngineError::not_found(format!("job {id:?} does not exist")));
+        };
+        self.store.remove_job(id)?;
+        self.events
+            .emit(id, crate::events::EventKind::StatusChange(JobStatus::Null));
+        self.events.emit(id, crate::events::EventKind::Dismissed);
+        rec.status = JobStatus::Null;
+        Ok(Self::restored_info(&rec))
+    }
+
+    /// Waits until the job is in one of `until` or `timeout` passes.
+    ///
+    /// # Errors
+    /// `NotFound`; `InvalidArgument` for an empty `until`.
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        until: &[JobStatus],
+        timeout: Duration,
+    ) -> Result<JobInfo> {
+        if until.is_empty() {
+            return Err(EngineError::invalid("until must name at least one state"));
+        }
+        match self.job(id) {
+            Ok(j) => Ok(j.wait(until, timeout).await),
+            Err(_) => self.get_job(id),
+        }
+    }
+
+    /// Stops every job (records saved; guest writes in flight finish) and
+    /// flushes every volume. Waits at most `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?grace, "jobs did not stop within the grace period");
+        }
+        let volumes: Vec<Arc<Volume>> = lock(&self.volumes).values().cloned().collect();
+        for v in volumes {
+            if let Err(e) = Device::unthrottled(v.backend()).flush().await {
+                tracing::error!(volume = v.name(), error = %e.chain(), "flush at shutdown");
+            }
+        }
+    }
+
+    /// Seconds since the Unix epoch of `t` (for front ends).
+    pub fn unix_time(t: SystemTime) -> (i64, u32) {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        (
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_nanos(),
+        )
+    }
+}

@@ -1,0 +1,472 @@
+//! The state a running mirror shares between guest writes and the copier:
+//! dirty bitmap, range locks, effective copy mode, the target, and the byte
+//! budget. The volume's write path calls [`ActiveMirror::guest_write`]; the
+//! job's copier calls [`ActiveMirror::copy_range`].
+//!
+//! # Why the target ends up equal to the source
+//!
+//! Invariant: a chunk's bit is clear only when target and source hold the
+//! same bytes for it, except while an operation holding a range lock over
+//! that chunk is in flight. Every path keeps it:
+//!
+//! - *Background guest write*: under its range lock it writes the source,
+//!   then sets the bits of every chunk it touched. Setting is always safe.
+//! - *Write-blocking guest write*: under its range lock it writes the same
+//!   immutable buffer to source and target (concurrently), then clears only
+//!   the chunks it covers completely: both sides now hold exactly these
+//!   bytes there. A partly covered chunk keeps its bit — if it was clean,
+//!   both sides received the same bytes and it stays equal; if dirty, the
+//!   copier will carry it. If either side fails, the touched chunks are set.
+//!   A write that touches only dirty chunks goes to the source alone: the
+//!   copier will carry those chunks anyway, and the set cannot grow.
+//! - *Copy*: under the range lock of its chunks it clears their bits, then
+//!   reads the source and writes the target. No guest write can land in the
+//!   range meanwhile (the lock), so what it writes is what the source holds
+//!   when it releases. A failure sets the bits again.
+//!
+//! Overlapping guest writes serialize on the range lock, so they reach the
+//! two sides in the same order. Range locks are taken *after* a budget
+//! permit, never before (see `limits.rs`), so permits and locks cannot wait
+//! on each other in a cycle.
+
+use crate::backend::Allocation;
+use crate::bitmap::DirtyBitmap;
+use crate::device::Device;
+use crate::error::{EngineError, Result};
+use crate::limits::{InflightBudget, InflightPermit};
+use crate::rangelock::RangeLocks;
+use crate::throttle::Throttle;
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// A guest write, as the write path carries it.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Bytes to write; the buffer is shared, never copied, between sides.
+    Data {
+        /// The guest's bytes.
+        data: Bytes,
+        /// Durable on return.
+        fua: bool,
+    },
+    /// Zeroes (write-zeroes or discard).
+    Zeroes {
+        /// Deallocation allowed.
+        punch: bool,
+        /// Durable on return.
+        fua: bool,
+    },
+}
+
+impl WriteOp {
+    /// Performs the write on one device.
+    pub(crate) async fn apply(&self, dev: &Device, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Self::Data { data, fua } => dev.write(offset, data.clone(), *fua).await,
+            Self::Zeroes { punch, fua } => dev.write_zeroes(offset, len, *punch, *fua).await,
+        }
+    }
+
+    /// Bytes of buffer this write holds in flight.
+    fn buffer_bytes(&self) -> u64 {
+        match self {
+            Self::Data { data, .. } => data.len() as u64,
+            Self::Zeroes { .. } => 0,
+        }
+    }
+}
+
+/// Which side of the mirror an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The volume being copied.
+    Source,
+    /// The copy.
+    Target,
+}
+
+impl Side {
+    /// "source" or "target".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Target => "target",
+        }
+    }
+}
+
+/// An I/O failure the job's error policy must decide on.
+#[derive(Debug)]
+pub struct MirrorIoError {
+    /// Where it failed.
+    pub side: Side,
+    /// "read" or "write".
+    pub operation: &'static str,
+    /// What failed.
+    pub error: EngineError,
+}
+
+/// Counters the job samples for progress and rates.
+#[derive(Debug, Default)]
+pub struct MirrorCounters {
+    /// Bytes made equal on the target (copies and synchronous writes that
+    /// cleaned dirty chunks).
+    pub progress_bytes: AtomicU64,
+    /// Bytes written to the target by the copier.
+    pub copied_bytes: AtomicU64,
+    /// Bytes newly marked dirty (for the dirty rate).
+    pub dirtied_bytes: AtomicU64,
+    /// Guest writes that went to both sides.
+    pub sync_writes: AtomicU64,
+    /// Guest writes that went to the source only.
+    pub source_only_writes: AtomicU64,
+}
+
+/// Shared state of one active mirror.
+#[derive(Debug)]
+pub struct ActiveMirror {
+    /// log2 of the granularity.
+    chunk_shift: u32,
+    /// Source size in bytes (the bitmap covers it).
+    size: u64,
+    /// One bit per chunk: set = target may differ from source.
+    bitmap: Mutex<DirtyBitmap>,
+    /// Range locks between guest writes and copies.
+    locks: Arc<RangeLocks>,
+    /// True = write-blocking, false = background. Changed by the job.
+    write_blocking: AtomicBool,
+    /// The copy's device (with the target volume's limits, if any).
+    target: Device,
+    /// Bound on bytes in flight (copies and synchronous guest writes).
+    pub(crate) budget: InflightBudget,
+    /// Wakes the copier: bits were set or an error was queued.
+    pub(crate) wake: Notify,
+    /// Progress and rate counters.
+    pub(crate) counters: MirrorCounters,
+    /// Errors from guest writes for the job's policy; bounded by the number
+    /// of guest writes in flight, drained by the job at every wake.
+    errors: Mutex<VecDeque<MirrorIoError>>,
+}
+
+impl ActiveMirror {
+    /// A mirror of a `size`-byte source at `granularity` (a power of two).
+    pub fn new(
+        size: u64,
+        granularity: u64,
+        target: Device,
+        buf_size: u32,
+        write_blocking: bool,
+    ) -> Self {
+        let chunk_shift = granularity.trailing_zeros();
+        let chunks = size.div_ceil(granularity);
+        Self {
+            chunk_shift,
+            size,
+            bitmap: Mutex::new(DirtyBitmap::new(chunks)),
+            locks: RangeLocks::new(),
+            write_blocking: AtomicBool::new(write_blocking),
+            target,
+            budget: InflightBudget::new(buf_size),
+            wake: Notify::new(),
+            counters: MirrorCounters::default(),
+            errors: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn bitmap(&self) -> std::sync::MutexGuard<'_, DirtyBitmap> {
+        // Bitmap operations do not panic (range errors are values), so a
+        // poisoned lock cannot hide a half-done update.
+        self.bitmap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Bytes per chunk.
+    pub fn granularity(&self) -> u64 {
+        1 << self.chunk_shift
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.bitmap().len()
+    }
+
+    /// The target device.
+    pub fn target(&self) -> &Device {
+        &self.target
+    }
+
+    /// True when guest writes go to the target before they are acknowledged.
+    pub fn is_write_blocking(&self) -> bool {
+        self.write_blocking.load(Ordering::Acquire)
+    }
+
+    /// Switches the effective mode.
+    pub fn set_write_blocking(&self, on: bool) {
+        self.write_blocking.store(on, Ordering::Release);
+    }
+
+    /// Dirty chunks now.
+    pub fn dirty_chunks(&self) -> u64 {
+        self.bitmap().count()
+    }
+
+    /// Dirty bytes now (the last chunk counted whole).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_chunks() << self.chunk_shift
+    }
+
+    /// Byte span of chunks `[start, end)`, clamped to the device.
+    pub fn byte_span(&self, start: u64, end: u64) -> (u64, u64) {
+        (
+            (start << self.chunk_shift).min(self.size),
+            (end << self.chunk_shift).min(self.size),
+        )
+    }
+
+    /// Chunks touched by `[offset, offset+len)`.
+    fn touched(&self, offset: u64, len: u64) -> (u64, u64) {
+        (
+            offset >> self.chunk_shift,
+            (offset + len).div_ceil(self.granularity()),
+        )
+    }
+
+    /// Chunks covered completely (the last chunk counts as covered when the
+    /// write reaches the end of the device).
+    fn covered(&self, offset: u64, len: u64) -> (u64, u64) {
+        let end = offset + len;
+        let first = offset.div_ceil(self.granularity());
+        let last = if end == self.size {
+            end.div_ceil(self.granularity())
+        } else {
+            end >> self.chunk_shift
+        };
+        (first, last.max(first))
+    }
+
+    /// Marks chunks `[start, end)` dirty and wakes the copier if any bit changed.
+    pub fn mark_dirty(&self, start: u64, end: u64) {
+        let set = self.bitmap().set_range(start, end).unwrap_or(0);
+        if set > 0 {
+            self.counters
+                .dirtied_bytes
+                .fetch_add(set << self.chunk_shift, Ordering::Relaxed);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Marks chunks dirty as part of the initial dirty set (not counted in
+    /// the dirty rate).
+    pub fn mark_initial(&self, start: u64, end: u64) {
+        let len = self.bitmap().len();
+        let _ = self.bitmap().set_range(start.min(len), end.min(len));
+    }
+
+    /// Marks every chunk dirty (sync = full).
+    pub fn mark_all_dirty(&self) {
+        self.bitmap().set_all();
+    }
+
+    /// The first dirty chunk at or after `from`, and the end of its run
+    /// (capped at `max_chunks`).
+    pub fn next_dirty_run(&self, from: u64, max_chunks: u64) -> Option<(u64, u64)> {
+        let bm = self.bitmap();
+        let start = bm.next_dirty(from)?;
+        let limit = start.saturating_add(max_chunks).min(bm.len());
+        let end = bm.next_clean(start).map_or(limit, |c| c.min(limit));
+        Some((start, end))
+    }
+
+    fn all_dirty(&self, start: u64, end: u64) -> bool {
+        let bm = self.bitmap();
+        bm.next_clean(start).is_none_or(|c| c >= end)
+    }
+
+    fn record_error(&self, side: Side, operation: &'static str, error: EngineError) {
+        self.errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push_back(MirrorIoError {
+                side,
+                operation,
+                error,
+            });
+        self.wake.notify_one();
+    }
+
+    /// Takes the errors queued since the last call.
+    pub fn take_errors(&self) -> Vec<MirrorIoError> {
+        self.errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+            .collect()
+    }
+
+    /// The guest write path while the job is active (see the module doc).
+    ///
+    /// # Errors
+    /// The source's error; target errors go to the job's policy instead.
+    pub async fn guest_write(
+        &self,
+        source: &Device,
+        offset: u64,
+        len: u64,
+        op: WriteOp,
+    ) -> Result<()> {
+        let (first, end) = self.touched(offset, len);
+        let mut permit: Option<InflightPermit> = None;
+        loop {
+            let lock = self.locks.lock(offset, offset + len).await;
+            if !self.is_write_blocking() {
+                let result = op.apply(source, offset, len).await;
+                // Set even on failure: the source may hold part of the write.
+                self.mark_dirty(first, end);
+                drop(lock);
+                return result;
+            }
+            if self.all_dirty(first, end) {
+                self.counters
+                    .source_only_writes
+                    .fetch_add(1, Ordering::Relaxed);
+                return op.apply(source, offset, len).await;
+            }
+            let bytes = op.buffer_bytes();
+            if permit.is_none() && bytes > 0 {
+                match self.budget.try_acquire(bytes) {
+                    Some(p) => {
+                        permit.replace(p);
+                    }
+                    None => {
+                        // Never wait for budget while holding a range lock.
+                        drop(lock);
+                        permit.replace(self.budget.acquire(bytes).await);
+                        continue;
+                    }
+                }
+            }
+            let (src, tgt) = tokio::join!(
+                op.apply(source, offset, len),
+                op.apply(&self.target, offset, len)
+            );
+            self.counters.sync_writes.fetch_add(1, Ordering::Relaxed);
+            match (src, tgt) {
+                (Ok(()), Ok(())) => {
+                    let (c0, c1) = self.covered(offset, len);
+                    if c1 > c0 {
+                        let cleared = self.bitmap().clear_range(c0, c1).unwrap_or(0);
+                        self.counters
+                            .progress_bytes
+                            .fetch_add(cleared << self.chunk_shift, Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
+                (Err(e), _) => {
+                    self.mark_dirty(first, end);
+                    return Err(e);
+                }
+                (Ok(()), Err(e)) => {
+                    self.mark_dirty(first, end);
+                    self.record_error(Side::Target, "write", e);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// A guest flush: the source always; the target too in write-blocking
+    /// mode, so an acknowledged flush is durable on both sides.
+    ///
+    /// # Errors
+    /// The source's flush error.
+    pub async fn guest_flush(&self, source: &Device) -> Result<()> {
+        if !self.is_write_blocking() {
+            return source.flush().await;
+        }
+        let (src, tgt) = tokio::join!(source.flush(), self.target.flush());
+        if let Err(e) = tgt {
+            self.record_error(Side::Target, "flush", e);
+        }
+        src
+    }
+
+    /// Copies chunks `[start, end)` from `source` to the target under their
+    /// range lock. `permit` is the budget for the buffer; `speed` the job's
+    /// copy rate limit.
+    ///
+    /// # Errors
+    /// The failing side's error; the chunks are dirty again.
+    pub async fn copy_range(
+        &self,
+        source: &Device,
+        start: u64,
+        end: u64,
+        speed: &Throttle,
+        permit: InflightPermit,
+    ) -> Result<u64, MirrorIoError> {
+        let (off, stop) = self.byte_span(start, end);
+        let len = stop - off;
+        speed.acquire(len).await;
+        let _lock = self.locks.lock(off, stop).await;
+        let cleared = self.bitmap().clear_range(start, end).unwrap_or(0);
+        if cleared == 0 {
+            // Synchronous guest writes made these chunks equal meanwhile.
+            return Ok(0);
+        }
+        let result = self.copy_locked(source, off, len).await;
+        drop(permit);
+        match result {
+            Ok(()) => {
+                self.counters.copied_bytes.fetch_add(len, Ordering::Relaxed);
+                self.counters
+                    .progress_bytes
+                    .fetch_add(cleared << self.chunk_shift, Ordering::Relaxed);
+                Ok(len)
+            }
+            Err(e) => {
+                self.mark_dirty(start, end);
+                Err(e)
+            }
+        }
+    }
+
+    async fn copy_locked(&self, source: &Device, off: u64, len: u64) -> Result<(), MirrorIoError> {
+        let src_err = |operation, error| MirrorIoError {
+            side: Side::Source,
+            operation,
+            error,
+        };
+        let tgt_err = |error| MirrorIoError {
+            side: Side::Target,
+            operation: "write",
+            error,
+        };
+        let hole = matches!(
+            source.allocation(off, len).await,
+            Ok(Allocation::Hole { end }) if end >= off + len
+        );
+        if hole {
+            return self
+                .target
+                .write_zeroes(off, len, true, false)
+                .await
+                .map_err(tgt_err);
+        }
+        // len is at most one copy operation (bounded by buf_size <= 1 GiB).
+        let n = usize::try_from(len)
+            .map_err(|_| src_err("read", EngineError::invalid("copy too large")))?;
+        let data = source.read(off, n).await.map_err(|e| src_err("read", e))?;
+        if data.iter().all(|&b| b == 0) {
+            self.target
+                .write_zeroes(off, len, true, false)
+                .await
+                .map_err(tgt_err)
+        } else {
+            self.target.write(off, data, false).await.map_err(tgt_err)
+        }
+    }
+}

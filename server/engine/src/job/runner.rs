@@ -1,0 +1,461 @@
+//! The runner task of a job: walks the bitmap, issues bounded copy
+//! operations, samples rates, applies error policies, and carries the job
+//! from running to concluded. See the parent module for the design.
+
+use super::active::MirrorIoError;
+use super::spec::{CopyMode, ErrorPolicy, SyncMode};
+use super::{Job, JobStatus, Shared};
+use crate::backend::Allocation;
+use crate::device::Device;
+use crate::events::EventKind;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Copy operations in flight per job at most (besides the byte budget).
+const MAX_COPY_OPS: usize = 16;
+/// Largest copy operation. Small enough that a guest write waiting on a
+/// chunk under copy waits for at most 1 MiB of target I/O.
+const MAX_COPY_OP_BYTES: u64 = 1 << 20;
+/// Progress and rate sampling period (PROGRESS events are about one a second).
+const TICK: Duration = Duration::from_secs(1);
+/// Pause before retrying after a copy error the policy let pass.
+const ERROR_RETRY_DELAY: Duration = Duration::from_millis(200);
+/// Auto mode: seconds of dirty rate ≥ copy rate before switching to write-blocking.
+const AUTO_DIVERGING_TICKS: u32 = 5;
+/// Auto mode: switch to write-blocking if READY has not come after this long.
+const AUTO_READY_DEADLINE: Duration = Duration::from_secs(60);
+
+type CopyResult = (u64, u64, Result<u64, MirrorIoError>);
+
+/// Runner-local state: owned by the runner task alone.
+#[derive(Debug)]
+struct Cursor {
+    /// Next chunk to look at.
+    next: u64,
+    /// Chunk runs handed to copy tasks still in flight.
+    claimed: Vec<(u64, u64)>,
+}
+
+impl Cursor {
+    /// The next dirty run not already claimed, wrapping once to the start.
+    fn pick(&mut self, job: &Job, max_chunks: u64) -> Option<(u64, u64)> {
+        for wrapped in [false, true] {
+            if wrapped {
+                if self.next == 0 {
+                    break;
+                }
+                self.next = 0;
+            }
+            let mut from = self.next;
+            while let Some((start, end)) = job.mirror.next_dirty_run(from, max_chunks) {
+                if let Some(&(_, c_end)) = self
+                    .claimed
+                    .iter()
+                    .find(|(cs, ce)| *cs <= start && start < *ce)
+                {
+                    from = c_end;
+                    continue;
+                }
+                let end = self
+                    .claimed
+                    .iter()
+                    .filter(|(cs, _)| *cs > start)
+                    .map(|(cs, _)| *cs)
+                    .fold(end, u64::min);
+                self.next = end;
+                self.claimed.push((start, end));
+                return Some((start, end));
+            }
+        }
+        None
+    }
+
+    fn release(&mut self, start: u64) {
+        self.claimed.retain(|(s, _)| *s != start);
+    }
+}
+
+/// Rate sampling between ticks.
+#[derive(Debug)]
+struct Sampler {
+    at: Instant,
+    progress: u64,
+    dirtied: u64,
+    diverging_ticks: u32,
+}
+
+impl Job {
+    pub(super) async fn run(self: Arc<Self>) {
+        self.start().await;
+        let op_chunks = (MAX_COPY_OP_BYTES.min(self.mirror.budget.capacity())
+            / self.mirror.granularity())
+        .max(1);
+        let started = Instant::now();
+        let mut cursor = Cursor {
+            next: 0,
+            claimed: Vec::new(),
+        };
+        let mut ops: JoinSet<CopyResult> = JoinSet::new();
+        let mut retry_at: Option<Instant> = None;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sampler = Sampler {
+            at: Instant::now(),
+            progress: 0,
+            dirtied: 0,
+            diverging_ticks: 0,
+        };
+        loop {
+            for err in self.mirror.take_errors() {
+                self.on_io_error(err);
+            }
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            let status = self.lock().status;
+            let copying = matches!(
+                status,
+                JobStatus::Running | JobStatus::Ready | JobStatus::Waiting | JobStatus::Pending
+            ) && retry_at.is_none();
+            let mut want_budget = None;
+            if copying {
+                while ops.len() < MAX_COPY_OPS {
+                    let Some((start, end)) = cursor.pick(&self, op_chunks) else {
+                        break;
+                    };
+                    let (off, stop) = self.mirror.byte_span(start, end);
+                    let Some(permit) = self.mirror.budget.try_acquire(stop - off) else {
+                        // The runner never waits for budget inline: it
+                        // selects on it below, with everything else.
+                        cursor.release(start);
+                        cursor.next = start;
+                        want_budget = Some(stop - off);
+                        break;
+                    };
+                    let job = Arc::clone(&self);
+                    let source = Device::unthrottled(self.source.backend());
+                    ops.spawn(async move {
+                        let r = job
+                            .mirror
+                            .copy_range(&source, start, end, &job.speed, permit)
+                            .await;
+                        (start, end, r)
+                    });
+                }
+            }
+            if self.advance(ops.is_empty()).await {
+                return;
+            }
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => {}
+                Some(joined) = ops.join_next(), if !ops.is_empty() => {
+                    match joined {
+                        Ok((start, _, Ok(_))) => cursor.release(start),
+                        Ok((start, _, Err(e))) => {
+                            cursor.release(start);
+                            self.on_io_error(e);
+                            retry_at = Some(Instant::now() + ERROR_RETRY_DELAY);
+                        }
+                        Err(e) => {
+                            // A copy task panicked: its chunks may be clear
+                            // without a copy. Fail the job rather than lie.
+                            let mut s = self.lock();
+                            s.error = Some(format!("copy task failed: {e}"));
+                            if s.status.can_become(JobStatus::Aborting) {
+                                self.transition(&mut s, JobStatus::Aborting);
+                            }
+                        }
+                    }
+                }
+                () = self.changed.notified() => {}
+                () = self.mirror.wake.notified() => {}
+                _ = tick.tick() => self.sample(&mut sampler, started),
+                p = self.mirror.budget.acquire(want_budget.unwrap_or(0)), if want_budget.is_some() => drop(p),
+                () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => retry_at = None,
+            }
+        }
+        // Shutdown: let copies finish, detach from the volume, keep the record.
+        while ops.join_next().await.is_some() {}
+        let gate = self.source.drain().await;
+        self.source.set_mirror(None);
+        drop(gate);
+        self.save();
+        tracing::info!(job_id = %self.id, status = %self.status(), "job stopped for shutdown");
+    }
+
+    /// Sets up the bitmap and installs the write hook with guest I/O drained,
+    /// so no guest write falls between the initial dirty set and the hook.
+    async fn start(&self) {
+        let gate = self.source.drain().await;
+        if self.spec.sync == SyncMode::Full {
+            if self.target_backend.is_known_zero() {
+                self.mark_source_data().await;
+            } else {
+                self.mirror.mark_all_dirty();
+            }
+        }
+        self.source.set_mirror(Some(Arc::clone(&self.mirror)));
+        drop(gate);
+        let mut s = self.lock();
+        if s.status == JobStatus::Created {
+            self.transition(&mut s, JobStatus::Running);
+        }
+        drop(s);
+        self.save();
+    }
+
+    /// Marks only the source's data extents (the target reads as zeroes).
+    async fn mark_source_data(&self) {
+        let src = Device::unthrottled(self.source.backend());
+        let size = src.size();
+        let g = self.mirror.granularity();
+        let mut off = 0;
+        while off < size {
+            match src.allocation(off, size - off).await {
+                Ok(Allocation::Hole { end }) if end > off => off = end,
+                Ok(Allocation::Data { end }) if end > off => {
+                    self.mirror.mark_initial(off / g, end.div_ceil(g));
+                    off = end;
+                }
+                _ => {
+                    // Cannot tell: copy the rest.
+                    self.mirror.mark_initial(off / g, size.div_ceil(g));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Moves the life cycle on when its condition holds. Returns true once
+    /// the job has concluded.
+    async fn advance(&self, no_ops: bool) -> bool {
+        enum Next {
+            Stay,
+            Finalize { pivot: bool },
+            Abort,
+        }
+        let idle = no_ops && self.mirror.dirty_chunks() == 0;
+        let next = {
+            let mut s = self.lock();
+            match s.status {
+                JobStatus::Running if idle => {
+                    self.transition(&mut s, JobStatus::Ready);
+                    let p = self.progress(&s);
+                    self.emit(&mut s, EventKind::Ready(p));
+                    Next::Stay
+                }
+                JobStatus::Waiting if idle => {
+                    self.transition(&mut s, JobStatus::Pending);
+                    self.emit(&mut s, EventKind::Pending);
+                    if self.spec.auto_finalize {
+                        s.finalize_requested = true;
+                        self.changed.notify_one();
+                    }
+                    Next::Stay
+                }
+                JobStatus::Pending if idle && s.finalize_requested => Next::Finalize {
+                    pivot: s.complete_requested && s.cancel_requested.is_none(),
+                },
+                JobStatus::Aborting if no_ops => Next::Abort,
+                _ => Next::Stay,
+            }
+        };
+        match next {
+            Next::Stay => false,
+            Next::Finalize { pivot } => self.finalize_now(pivot).await,
+            Next::Abort => {
+                self.abort_now().await;
+                true
+            }
+        }
+    }
+
+    /// Drains guest I/O, and if still in sync, flushes the target and
+    /// (for complete) switches the volume to it. False: not in sync after
+    /// all (or the flush failed); the runner keeps going.
+    async fn finalize_now(&self, pivot: bool) -> bool {
+        let held_at = Instant::now();
+        let gate = self.source.drain().await;
+        if self.mirror.dirty_chunks() > 0 {
+            return false;
+        }
+        if let Err(error) = self.mirror.target().flush().await {
+            drop(gate);
+            self.on_io_error(MirrorIoError {
+                side: super::active::Side::Target,
+                operation: "flush",
+                error,
+            });
+            return false;
+        }
+        if pivot {
+            self.source.set_backend(Arc::clone(&self.target_backend));
+            if let Err(e) = (self.persist_volumes)() {
+                // The volume file on disk still names the old source; the
+                // switch stays in memory and is retried at the next save.
+                tracing::error!(job_id = %self.id, error = %e.chain(), "saving volume definitions after pivot");
+            }
+        }
+        self.source.set_mirror(None);
+        let pause = held_at.elapsed();
+        drop(gate);
+        self.release_volumes();
+        {
+            let mut s = self.lock();
+            s.pivoted = pivot;
+            self.transition(&mut s, JobStatus::Concluded);
+            let progress = self.progress(&s);
+            self.emit(
+                &mut s,
+                EventKind::Completed {
+                    pivoted: pivot,
+                    pause_us: u64::try_from(pause.as_micros()).unwrap_or(u64::MAX),
+                    error: None,
+                    progress,
+                },
+            );
+        }
+        self.save();
+        tracing::info!(job_id = %self.id, pivot, pause_us = pause.as_micros(), "job completed");
+        true
+    }
+
+    /// Detaches after cancel or failure.
+    async fn abort_now(&self) {
+        let gate = self.source.drain().await;
+        self.source.set_mirror(None);
+        drop(gate);
+        self.release_volumes();
+        let mut s = self.lock();
+        self.transition(&mut s, JobStatus::Concluded);
+        let progress = self.progress(&s);
+        let kind = match s.error.clone() {
+            Some(error) => EventKind::Completed {
+                pivoted: false,
+                pause_us: 0,
+                error: Some(error),
+                progress,
+            },
+            None => EventKind::Cancelled(progress),
+        };
+        self.emit(&mut s, kind);
+        drop(s);
+        self.save();
+    }
+
+    fn release_volumes(&self) {
+        self.source.release(&self.id);
+        if let Some(t) = &self.target_volume {
+            t.release(&self.id);
+        }
+    }
+
+    /// Applies the side's error policy and reports the error.
+    fn on_io_error(&self, err: MirrorIoError) {
+        use super::active::Side;
+        let policy = match err.side {
+            Side::Source => self.spec.on_source_error,
+            Side::Target => self.spec.on_target_error,
+        };
+        let enospc = err.error.raw_os_error() == Some(libc::ENOSPC);
+        let action = match policy {
+            ErrorPolicy::Report => "report",
+            ErrorPolicy::Ignore => "ignore",
+            ErrorPolicy::Stop => "stop",
+            ErrorPolicy::Enospc if enospc => "stop",
+            ErrorPolicy::Enospc => "report",
+        };
+        let message = format!(
+            "{} {} failed: {}",
+            err.side.as_str(),
+            err.operation,
+            err.error.chain()
+        );
+        tracing::warn!(job_id = %self.id, action, error = %message, "mirror I/O error");
+        let mut s = self.lock();
+        self.emit(
+            &mut s,
+            EventKind::Error {
+                operation: err.operation.to_owned(),
+                side: err.side.as_str().to_owned(),
+                action: action.to_owned(),
+                message: message.clone(),
+            },
+        );
+        match action {
+            "report" if s.status.can_become(JobStatus::Aborting) => {
+                s.error = Some(message);
+                self.transition(&mut s, JobStatus::Aborting);
+            }
+            "stop" => {
+                s.error = Some(message);
+                match s.status {
+                    JobStatus::Running => self.transition(&mut s, JobStatus::Paused),
+                    JobStatus::Ready => self.transition(&mut s, JobStatus::Standby),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        drop(s);
+        self.save();
+    }
+
+    /// Samples rates, runs the auto-mode policy, emits PROGRESS.
+    fn sample(&self, sm: &mut Sampler, started: Instant) {
+        let now = Instant::now();
+        let secs = now.duration_since(sm.at).as_secs_f64().max(1e-3);
+        let progress = self.mirror.counters.progress_bytes.load(Ordering::Relaxed);
+        let dirtied = self.mirror.counters.dirtied_bytes.load(Ordering::Relaxed);
+        let rate = |d: u64| {
+            let r = d as f64 / secs;
+            // Rates are non-negative and far below u64::MAX.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let r = r as u64;
+            r
+        };
+        let copy_rate = rate(progress.saturating_sub(sm.progress));
+        let dirty_rate = rate(dirtied.saturating_sub(sm.dirtied));
+        *sm = Sampler {
+            at: now,
+            progress,
+            dirtied,
+            diverging_ticks: sm.diverging_ticks,
+        };
+        let mut s = self.lock();
+        s.copy_rate = copy_rate;
+        s.dirty_rate = dirty_rate;
+        if s.status.is_terminal() {
+            return;
+        }
+        self.auto_mode(&mut s, sm, started);
+        let p = self.progress(&s);
+        self.events.emit(&self.id, EventKind::Progress(p));
+    }
+
+    /// Auto copy mode: go write-blocking when the job would not converge.
+    fn auto_mode(&self, s: &mut Shared, sm: &mut Sampler, started: Instant) {
+        if s.requested_mode != CopyMode::Auto
+            || self.mirror.is_write_blocking()
+            || s.status != JobStatus::Running
+        {
+            sm.diverging_ticks = 0;
+            return;
+        }
+        let dirty = self.mirror.dirty_chunks() > 0;
+        if dirty && s.dirty_rate >= s.copy_rate {
+            sm.diverging_ticks += 1;
+        } else {
+            sm.diverging_ticks = 0;
+        }
+        if sm.diverging_ticks >= AUTO_DIVERGING_TICKS {
+            self.set_mode(s, true, "dirty rate stayed at or above copy rate");
+        } else if started.elapsed() >= AUTO_READY_DEADLINE {
+            self.set_mode(s, true, "not ready within the deadline");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! What a mirror job is asked to do, validated once at the edge.
+
+use crate::error::{EngineError, Result};
+use crate::throttle::RateLimits;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+
+/// Default dirty-bitmap granularity.
+pub const DEFAULT_GRANULARITY_BYTES: u64 = 64 << 10;
+/// Smallest and largest granularity accepted.
+pub const GRANULARITY_RANGE_BYTES: (u64, u64) = (4 << 10, 64 << 20);
+/// Default bound on a job's bytes in flight (QEMU's default too).
+pub const DEFAULT_BUF_SIZE_BYTES: u64 = 16 << 20;
+/// Smallest and largest `buf_size`: at least one maximal guest request
+/// must not be needed to fit, but a copy chunk must; at most 1 GiB so the
+/// budget fits a semaphore of u32 permits.
+pub const BUF_SIZE_RANGE_BYTES: (u64, u64) = (64 << 10, 1 << 30);
+
+/// Which chunks the job starts with as dirty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// The whole device.
+    Full,
+    /// Nothing: only what guests write from now on.
+    None,
+    /// What a named bitmap marks.
+    Bitmap,
+}
+
+/// How guest writes reach the target while the job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMode {
+    /// Guest writes mark chunks dirty; the copier carries them later.
+    Background,
+    /// Guest writes go to source and target before they are acknowledged.
+    WriteBlocking,
+    /// Background, switching to write-blocking when the job would not converge.
+    Auto,
+}
+
+impl fmt::Display for CopyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Background => "background",
+            Self::WriteBlocking => "write-blocking",
+            Self::Auto => "auto",
+        })
+    }
+}
+
+/// What to do when I/O on one side fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorPolicy {
+    /// Fail the job.
+    Report,
+    /// Keep going; the chunk stays dirty and is retried.
+    Ignore,
+    /// Pause the job until resumed.
+    Stop,
+    /// Stop on ENOSPC, report anything else.
+    Enospc,
+}
+
+/// Where the copy goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetSpec {
+    /// A volume of this service.
+    Volume(String),
+    /// A raw file, created (sparse, source-sized) if missing.
+    File(PathBuf),
+}
+
+impl TargetSpec {
+    /// Parses `volume:NAME` or `file:PATH`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the accepted forms.
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Some(name) = s.strip_prefix("volume:") {
+            crate::names::validate_name("target volume name", name)?;
+            Ok(Self::Volume(name.to_owned()))
+        } else if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(EngineError::invalid("target file path is empty"));
+            }
+            Ok(Self::File(PathBuf::from(path)))
+        } else if s.starts_with("nbd://") || s.starts_with("nbd+unix://") {
+            Err(EngineError::invalid(format!(
+                "target {s:?}: NBD targets are not supported yet; use volume:NAME or file:PATH"
+            )))
+        } else {
+            Err(EngineError::invalid(format!(
+                "target {s:?} must be volume:NAME or file:PATH"
+            )))
+        }
+    }
+}
+
+impl fmt::Display for TargetSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Volume(n) => write!(f, "volume:{n}"),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// A validated mirror job specification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorSpec {
+    /// Volume being copied.
+    pub source_volume: String,
+    /// Where it is copied to.
+    pub target: TargetSpec,
+    /// Initial dirty set.
+    pub sync: SyncMode,
+    /// Requested copy mode.
+    pub copy_mode: CopyMode,
+    /// Bytes per dirty bit.
+    pub granularity_bytes: u64,
+    /// Bound on bytes in flight.
+    pub buf_size_bytes: u64,
+    /// Copy rate limit, 0 = unlimited.
+    pub speed_bytes_per_sec: u64,
+    /// Policy for source I/O errors.
+    pub on_source_error: ErrorPolicy,
+    /// Policy for target I/O errors.
+    pub on_target_error: ErrorPolicy,
+    /// Finalize on its own once pending.
+    pub auto_finalize: bool,
+    /// Dismiss on its own once concluded.
+    pub auto_dismiss: bool,
+    /// Named bitmap, for `SyncMode::Bitmap`.
+    pub bitmap: Option<String>,
+}
+
+impl MirrorSpec {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the field and what it accepts.
+    pub fn validate(&self) -> Result<()> {
+        crate::names::validate_name("source volume name", &self.source_volume)?;
+        let (lo, hi) = GRANULARITY_RANGE_BYTES;
+        let g = self.granularity_bytes;
+        if !g.is_power_of_two() || g < lo || g > hi {
+            return Err(EngineError::invalid(format!(
+                "granularity {g} must be a power of two between {lo} (4 KiB) and {hi} (64 MiB)"
+            )));
+        }
+        let (lo, hi) = BUF_SIZE_RANGE_BYTES;
+        let b = self.buf_size_bytes;
+        if b < lo || b > hi {
+            return Err(EngineError::invalid(format!(
+                "buf_size {b} must be between {lo} (64 KiB) and {hi} (1 GiB)"
+            )));
+        }
+        if b < g {
+            return Err(EngineError::invalid(format!(
+                "buf_size {b} must be at least the granularity {g}"
+            )));
+        }
+        match (self.sync, &self.bitmap) {
+            (SyncMode::Bitmap, _) => Err(EngineError::invalid(
+                "sync mode bitmap is not supported yet; use full or none",
+            )),
+            (_, Some(_)) => Err(EngineError::invalid(
+                "a bitmap name is only valid with sync mode bitmap",
+            )),
+            _ => Ok(()),
+        }?;
+        if let TargetSpec::Volume(t) = &self.target
+            && t == &self.source_volume
+        {
+            return Err(EngineError::invalid("target volume is the source volume"));
+        }
+        Ok(())
+    }
+
+    /// The copy rate limit as throttle limits.
+    pub fn speed_limits(&self) -> RateLimits {
+        RateLimits {
+            bytes_per_sec: self.speed_bytes_per_sec,
+            ops_per_sec: 0,
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The blockmirror engine: volumes, backends, dirty bitmaps, range locks,
+//! mirror jobs, the event log and the state store. It knows nothing of gRPC,
+//! NBD or the command line; the server crate adapts it to those.
+//!
+//! # Layout
+//!
+//! - [`engine`]: the registry of volumes and jobs, and the entry points.
+//! - [`volume`]: a named device and the guest I/O path into it.
+//! - [`job`]: mirror jobs — spec, life cycle, the shared write-path state
+//!   (`job::active`) and the runner that copies.
+//! - [`bitmap`]: the hierarchical dirty bitmap.
+//! - [`rangelock`]: byte-range locks between guest writes and copies.
+//! - [`limits`]: the byte budget that bounds a job's memory.
+//! - [`throttle`]: token-bucket rate limits.
+//! - [`backend`]: block backends (raw file / block device, memory).
+//! - [`device`]: async access to a backend on the blocking pool.
+//! - [`events`]: the numbered event log with replay.
+//! - [`store`]: the state directory.
+//! - [`names`]: name validation.
+//! - [`error`]: the engine's error type.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod bitmap;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod events;
+pub mod job;
+pub mod limits;
+pub mod names;
+pub mod rangelock;
+pub mod store;
+pub mod throttle;
+pub mod volume;
+
+pub use engine::{Engine, EngineConfig, VolumeInfo};
+pub use error::{EngineError, ErrorKind, Result};
+pub use job::JobInfo;

@@ -1,0 +1,172 @@
+//! The embedded state directory: volume definitions and job records, each
+//! written atomically (temporary file, fsync, rename), so a crash leaves
+//! either the old or the new version.
+//!
+//! Layout: `STATE/volumes.json`, `STATE/jobs/ID.json`, and created volume
+//! files under `STATE/volumes/`.
+
+use crate::error::{EngineError, Result};
+use crate::job::spec::MirrorSpec;
+use crate::job::state::JobStatus;
+use crate::throttle::RateLimits;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A volume definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Name.
+    pub name: String,
+    /// Backing file or device (the target's after a pivot).
+    pub path: PathBuf,
+    /// Write limits.
+    #[serde(default)]
+    pub limits: RateLimits,
+}
+
+/// What is kept of a job across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Job id.
+    pub id: String,
+    /// The spec it was started with.
+    pub spec: MirrorSpec,
+    /// Last recorded state.
+    pub status: JobStatus,
+    /// Error, if it failed.
+    pub error: Option<String>,
+    /// Whether the pivot happened.
+    pub pivoted: bool,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// Access to the state directory.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> EngineError {
+    move |e| EngineError::io(what, e)
+}
+
+impl Store {
+    /// Opens (creating if needed) the state directory.
+    ///
+    /// # Errors
+    /// `Io` if the directories cannot be created.
+    pub fn open(dir: &Path) -> Result<Self> {
+        for sub in [dir.to_path_buf(), dir.join("jobs"), dir.join("volumes")] {
+            fs::create_dir_all(&sub).map_err(io_err(format!(
+                "creating state directory {}",
+                sub.display()
+            )))?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where created volumes go by default.
+    pub fn volume_file(&self, name: &str) -> PathBuf {
+        self.dir.join("volumes").join(format!("{name}.raw"))
+    }
+
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        let what = format!("writing {}", path.display());
+        let mut f = fs::File::create(&tmp).map_err(io_err(what.clone()))?;
+        f.write_all(bytes).map_err(io_err(what.clone()))?;
+        f.sync_all().map_err(io_err(what.clone()))?;
+        fs::rename(&tmp, path).map_err(io_err(what))?;
+        Ok(())
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+        match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                EngineError::io(
+                    format!("parsing {}", path.display()),
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(EngineError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// All volume definitions.
+    ///
+    /// # Errors
+    /// `Io` on an unreadable or corrupt file.
+    pub fn load_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        Ok(Self::read_json(&self.dir.join("volumes.json"))?.unwrap_or_default())
+    }
+
+    /// Replaces all volume definitions.
+    ///
+    /// # Errors
+    /// `Io` if the file cannot be written.
+    pub fn save_volumes(&self, volumes: &[VolumeRecord]) -> Result<()> {
+        let bytes =
+            serde_json::to_vec_pretty(volumes).map_err(|e| EngineError::invalid(e.to_string()))?;
+        self.write_atomic(&self.dir.join("volumes.json"), &bytes)
+    }
+
+    /// All job records.
+    ///
+    /// # Errors
+    /// `Io` on an unreadable directory or a corrupt record.
+    pub fn load_jobs(&self) -> Result<Vec<JobRecord>> {
+        let dir = self.dir.join("jobs");
+        let entries = fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))?;
+        let mut jobs = Vec::new();
+        for entry in entries {
+            let path = entry
+                .map_err(io_err(format!("listing {}", dir.display())))?
+                .path();
+            if path.extension().is_some_and(|e| e == "json")
+                && let Some(job) = Self::read_json(&path)?
+            {
+                jobs.push(job);
+            }
+        }
+        jobs.sort_by_key(|j: &JobRecord| j.created_at_ms);
+        Ok(jobs)
+    }
+
+    /// Saves one job record.
+    ///
+    /// # Errors
+    /// `Io` if the file cannot be written.
+    pub fn save_job(&self, job: &JobRecord) -> Result<()> {
+        let bytes =
+            serde_json::to_vec_pretty(job).map_err(|e| EngineError::invalid(e.to_string()))?;
+        self.write_atomic(
+            &self.dir.join("jobs").join(format!("{}.json", job.id)),
+            &bytes,
+        )
+    }
+
+    /// Forgets a job record.
+    ///
+    /// # Errors
+    /// `Io` if the file exists but cannot be removed.
+    pub fn remove_job(&self, id: &str) -> Result<()> {
+        let path = self.dir.join("jobs").join(format!("{id}.json"));
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(EngineError::io(format!("removing {}", path.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! A volume: a named block device owned by the service, and the guest I/O
+//! path into it.
+//!
+//! Every guest request, whichever front end it came in on, goes through
+//! [`Volume::write`] / [`Volume::read`] / ...:
+//!
+//! 1. validate the range (bad input is an error, never a panic);
+//! 2. pass the volume's write limits;
+//! 3. enter the *I/O gate* (shared): a pivot takes the gate exclusively to
+//!    drain in-flight guest I/O and hold new I/O for the moment it switches
+//!    the backend, so no request ever sees half of a pivot;
+//! 4. if a mirror job is active on the volume, hand the request to its
+//!    [`ActiveMirror`] (range lock, source, target, bitmap — see
+//!    `job/active.rs`); otherwise go straight to the backend.
+
+use crate::backend::BlockBackend;
+use crate::device::Device;
+use crate::error::{EngineError, ErrorKind, Result};
+use crate::job::active::{ActiveMirror, WriteOp};
+use crate::throttle::{RateLimits, Throttle};
+use bytes::Bytes;
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::OwnedRwLockWriteGuard;
+
+/// Largest single guest request; bigger ones are refused (as in NBD).
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+
+/// How a job uses a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeRole {
+    /// Guests keep using it while it is copied.
+    Source,
+    /// The copy is written to it; guest writes would be overwritten, so they are refused.
+    Target,
+}
+
+/// A named block device.
+#[derive(Debug)]
+pub struct Volume {
+    name: String,
+    /// The current backend; replaced at pivot (under the exclusive gate).
+    backend: RwLock<Arc<dyn BlockBackend>>,
+    /// Write limits, shared with every [`Device`] handed out for this volume.
+    throttle: Arc<Throttle>,
+    /// Shared by every guest request in flight; exclusive during a pivot.
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// The write hook of the mirror job copying this volume, if any. Set and
+    /// cleared by the job under the exclusive gate.
+    mirror: RwLock<Option<Arc<ActiveMirror>>>,
+    /// The job that uses this volume, and how.
+    user: Mutex<Option<(String, VolumeRole)>>,
+}
+
+fn read_lock<T: ?Sized>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // Guarded values are swapped whole (an Arc or an Option); never torn.
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock<T: ?Sized>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Volume {
+    /// A volume over `backend`.
+    pub fn new(name: String, backend: Arc<dyn BlockBackend>, limits: RateLimits) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            backend: RwLock::new(backend),
+            throttle: Arc::new(Throttle::new(limits)),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
+            mirror: RwLock::new(None),
+            user: Mutex::new(None),
+        })
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current backend.
+    pub fn backend(&self) -> Arc<dyn BlockBackend> {
+        Arc::clone(&read_lock(&self.backend))
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.backend().size()
+    }
+
+    /// Path of the current backend.
+    pub fn path(&self) -> String {
+        self.backend().path().to_owned()
+    }
+
+    /// Logical block size guests should use.
+    pub fn block_size(&self) -> u32 {
+        512
+    }
+
+    /// Write limits now in force.
+    pub fn limits(&self) -> RateLimits {
+        self.throttle.limits()
+    }
+
+    /// Changes the write limits; applies to requests from now on.
+    pub fn set_limits(&self, limits: RateLimits) {
+        self.throttle.set_limits(limits);
+    }
+
+    /// The current backend with this volume's limits.
+    pub fn device(&self) -> Device {
+        Device {
+            backend: self.backend(),
+            throttle: Some(Arc::clone(&self.throttle)),
+        }
+    }
+
+    /// The job using this volume, if any.
+    pub fn user(&self) -> Option<(String, VolumeRole)> {
+        self.user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Claims the volume for a job.
+    ///
+    /// # Errors
+    /// `FailedPrecondition` if another job uses it.
+    pub(crate) fn claim(&self, job_id: &str, role: VolumeRole) -> Result<()> {
+        let mut user = self
+            .user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*user {
+            Some((other, _)) if other != job_id => Err(EngineError::precondition(format!(
+                "volume {:?} is in use by job {other:?}",
+                self.name
+            ))),
+            _ => {
+                *user = Some((job_id.to_owned(), role));
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives the volume back if `job_id` holds it.
+    pub(crate) fn release(&self, job_id: &str) {
+        let mut user = self
+            .user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if user.as_ref().is_some_and(|(j, _)| j == job_id) {
+            *user = None;
+        }
+    }
+
+    /// Waits for in-flight guest I/O to finish and holds new I/O until the
+    /// guard is dropped.
+    pub(crate) async fn drain(&self) -> OwnedRwLockWriteGuard<()> {
+        Arc::clone(&self.gate).write_owned().await
+    }
+
+    /// Installs or removes the mirror write hook. Call with the gate drained.
+    pub(crate) fn set_mirror(&self, mirror: Option<Arc<ActiveMirror>>) {
+        *write_lock(&self.mirror) = mirror;
+    }
+
+    /// Switches to a new backend. Call with the gate drained.
+    pub(crate) fn set_backend(&self, backend: Arc<dyn BlockBackend>) {
+        *write_lock(&self.backend) = backend;
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if len > MAX_REQUEST_BYTES {
+            return Err(EngineError::invalid(format!(
+                "request of {len} bytes is larger than the maximum of {MAX_REQUEST_BYTES}"
+            )));
+        }
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(EngineError::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "range {offset}+{len} is past the end of volume {:?} ({size} bytes)",
+                    self.name
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match self.user() {
+            Some((job, VolumeRole::Target)) => Err(EngineError::precondition(format!(
+                "volume {:?} is the target of job {job:?}; guest writes are refused until the job ends",
+                self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn mirror(&self) -> Option<Arc<ActiveMirror>> {
+        read_lock(&self.mirror).clone()
+    }
+
+    /// Reads `len` bytes at `offset`.
+    ///
+    /// # Errors
+    /// `OutOfRange`/`InvalidArgument` for a bad range; `Io` from the backend.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let _io = self.gate.read().await;
+        // check_range capped len at MAX_REQUEST_BYTES, which fits usize.
+        let len = usize::try_from(len).map_err(|_| EngineError::invalid("length too large"))?;
+        self.device().read(offset, len).await
+    }
+
+    async fn submit(&self, offset: u64, len: u64, op: WriteOp) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        if let WriteOp::Data { .. } = op {
+            self.throttle.acquire(len).await;
+        } else {
+            self.throttle.acquire(0).await;
+        }
+        let _io = self.gate.read().await;
+        let source = Device::unthrottled(self.backend());
+        match self.mirror() {
+            Some(m) => m.guest_write(&source, offset, len, op).await,
+            None => op.apply(&source, offset, len).await,
+        }
+    }
+
+    /// Writes `data` at `offset`; with `fua`, durable on return.
+    ///
+    /// # Errors
+    /// A bad range, a volume that is a mirror target, or the source's I/O error.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        self.submit(offset, len, WriteOp::Data { data, fua }).await
+    }
+
+    /// Makes a range read as zeroes; unless `no_hole`, it may be deallocated.
+    ///
+    /// # Errors
+    /// As [`Self::write`].
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<()> {
+        self.submit(
+            offset,
+            len,
+            WriteOp::Zeroes {
+                punch: !no_hole,
+                fua,
+            },
+        )
+        .await
+    }
+
+    /// Discards a range. blockmirror deallocates it, so it reads as zeroes
+    /// afterwards on both sides of a mirror.
+    ///
+    /// # Errors
+    /// As [`Self::write`].
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.submit(
+            offset,
+            len,
+            WriteOp::Zeroes {
+                punch: true,
+                fua: false,
+            },
+        )
+        .await
+    }
+
+    /// Makes completed writes durable — on the target too while a job
+    /// mirrors synchronously.
+    ///
+    /// # Errors
+    /// The source's (or synchronous target's) I/O error.
+    pub async fn flush(&self) -> Result<()> {
+        let _io = self.gate.read().await;
+        let source = Device::unthrottled(self.backend());
+        match self.mirror() {
+            Some(m) => m.guest_flush(&source).await,
+            None => source.flush().await,
+        }
+    }
+}

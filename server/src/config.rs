@@ -1,0 +1,148 @@
+//! Command line and environment configuration of `blockmirrord`.
+//!
+//! Every flag has a `BLOCKMIRROR_*` environment twin, so the Helm chart only
+//! sets environment variables. Everything is validated before any socket is
+//! bound.
+
+use clap::Parser;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A unix socket path (access is controlled by file mode).
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(
+                    "unix: needs a socket path, e.g. unix:/run/blockmirror/blockmirror.sock".into(),
+                );
+            }
+            Ok(Self::Unix(PathBuf::from(path)))
+        } else if let Some(addr) = s.strip_prefix("tcp:") {
+            addr.parse()
+                .map(Self::Tcp)
+                .map_err(|e| format!("tcp:{addr}: {e}; expected tcp:HOST:PORT with a numeric IP, e.g. tcp:127.0.0.1:7070"))
+        } else {
+            Err(format!("{s:?}: expected unix:PATH or tcp:HOST:PORT"))
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// blockmirrord — live block-storage mirroring service.
+///
+/// Serves the blockmirror.v1 gRPC API (volumes, data I/O, mirror jobs,
+/// events). With no flags it keeps its state in ./blockmirror-state and
+/// listens on the unix socket ./blockmirror-state/blockmirror.sock.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "blockmirrord", version, about, long_about)]
+pub struct Config {
+    /// State directory: volume definitions, job records, created volumes.
+    #[arg(
+        long,
+        env = "BLOCKMIRROR_STATE_DIR",
+        default_value = "blockmirror-state"
+    )]
+    pub state_dir: PathBuf,
+
+    /// gRPC listener, unix:PATH or tcp:HOST:PORT; repeat for several.
+    /// Default: unix:STATE_DIR/blockmirror.sock.
+    #[arg(long = "listen", env = "BLOCKMIRROR_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<ListenAddr>,
+
+    /// Events kept for WatchEvents replay (older ones answer OUT_OF_RANGE).
+    #[arg(long, env = "BLOCKMIRROR_EVENT_HISTORY", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub event_history: u64,
+
+    /// Seconds between WatchEvents heartbeats.
+    #[arg(long, env = "BLOCKMIRROR_HEARTBEAT_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_secs: u64,
+
+    /// Seconds to wait for jobs and in-flight I/O at shutdown (SIGTERM).
+    #[arg(long, env = "BLOCKMIRROR_SHUTDOWN_GRACE_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_grace_secs: u64,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. info or blockmirror_engine=debug.
+    #[arg(long, env = "BLOCKMIRROR_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// The listeners to bind: the flags, or the default socket.
+    pub fn listeners(&self) -> Vec<ListenAddr> {
+        if self.listen.is_empty() {
+            vec![ListenAddr::Unix(self.state_dir.join("blockmirror.sock"))]
+        } else {
+            self.listen.clone()
+        }
+    }
+
+    /// Heartbeat period.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+
+    /// Grace period at shutdown.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_listeners() {
+        let c = Config::try_parse_from(["blockmirrord"]).unwrap();
+        assert_eq!(
+            c.listeners(),
+            vec![ListenAddr::Unix(PathBuf::from(
+                "blockmirror-state/blockmirror.sock"
+            ))]
+        );
+        let c = Config::try_parse_from([
+            "blockmirrord",
+            "--listen",
+            "tcp:127.0.0.1:0,unix:/tmp/x.sock",
+        ])
+        .unwrap();
+        assert_eq!(c.listeners().len(), 2);
+    }
+
+    #[test]
+    fn bad_flags_are_rejected() {
+        for args in [
+            vec!["blockmirrord", "--listen", "http://x"],
+            vec!["blockmirrord", "--listen", "tcp:localhost"],
+            vec!["blockmirrord", "--listen", "unix:"],
+            vec!["blockmirrord", "--event-history", "0"],
+            vec!["blockmirrord", "--bogus"],
+        ] {
+            assert!(Config::try_parse_from(&args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! VolumeService.
+
+use super::convert;
+use super::status::IntoStatus;
+use blockmirror_engine::Engine;
+use blockmirror_engine::throttle::RateLimits;
+use blockmirror_proto::v1::{self, volume_service_server::VolumeService};
+use std::path::Path;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// VolumeService over the engine.
+#[derive(Debug)]
+pub struct VolumeApi {
+    /// The engine.
+    pub engine: Arc<Engine>,
+}
+
+#[tonic::async_trait]
+impl VolumeService for VolumeApi {
+    async fn create_volume(
+        &self,
+        req: Request<v1::CreateVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let r = req.into_inner();
+        let path = (!r.path.is_empty()).then(|| Path::new(&r.path));
+        let v = self
+            .engine
+            .create_volume(&r.name, r.size_bytes, path)
+            .status()?;
+        Ok(Response::new(convert::volume(v)))
+    }
+
+    async fn attach_volume(
+        &self,
+        req: Request<v1::AttachVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self
+            .engine
+            .attach_volume(&r.name, Path::new(&r.path), r.direct_io)
+            .status()?;
+        Ok(Response::new(convert::volume(v)))
+    }
+
+    async fn get_volume(
+        &self,
+        req: Request<v1::GetVolumeRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let v = self.engine.get_volume(&req.into_inner().name).status()?;
+        Ok(Response::new(convert::volume(v)))
+    }
+
+    async fn list_volumes(
+        &self,
+        _req: Request<v1::ListVolumesRequest>,
+    ) -> Result<Response<v1::ListVolumesResponse>, Status> {
+        let volumes = self
+            .engine
+            .list_volumes()
+            .into_iter()
+            .map(convert::volume)
+            .collect();
+        Ok(Response::new(v1::ListVolumesResponse { volumes }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<v1::DeleteVolumeRequest>,
+    ) -> Result<Response<v1::DeleteVolumeResponse>, Status> {
+        self.engine.delete_volume(&req.into_inner().name).status()?;
+        Ok(Response::new(v1::DeleteVolumeResponse {}))
+    }
+
+    async fn set_volume_limits(
+        &self,
+        req: Request<v1::SetVolumeLimitsRequest>,
+    ) -> Result<Response<v1::Volume>, Status> {
+        let r = req.into_inner();
+        let l = r.limits.unwrap_or_default();
+        let limits = RateLimits {
+            bytes_per_sec: l.write_bytes_per_sec,
+            ops_per_sec: l.write_iops,
+        };
+        let v = self.engine.set_volume_limits(&r.name, limits).status()?;
+        Ok(Response::new(convert::volume(v)))
+    }
+}

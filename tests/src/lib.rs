@@ -1,0 +1,474 @@
+//! Test harness: starts the real `blockmirrord` binary on a private state
+//! directory and unix socket, and gives typed gRPC clients to it.
+//!
+//! The binaries are found next to the test executable (`target/debug/`);
+//! `cargo test --workspace` builds them before running tests.
+//!
+//! # Layout
+//!
+//! - [`TestServer`]: one `blockmirrord` process, killed on drop.
+//! - [`Guest`]: a guest writer that keeps a model of what the disk must
+//!   hold, so a test can check every acknowledged write afterwards.
+//! - helpers to wait for jobs and events.
+
+use blockmirror_proto::v1::{
+    self, data_service_client::DataServiceClient, job_service_client::JobServiceClient,
+    volume_service_client::VolumeServiceClient,
+};
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use rand::{Rng, SeedableRng};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// Path of a workspace binary built next to this test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so it is built",
+        path.display()
+    );
+    path
+}
+
+/// A running `blockmirrord`.
+#[derive(Debug)]
+pub struct TestServer {
+    /// The state directory (and scratch space for images).
+    pub dir: tempfile::TempDir,
+    /// The gRPC unix socket.
+    pub socket: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl TestServer {
+    /// Starts a server on a new state directory.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra flags.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bm-test")
+            .tempdir()
+            .expect("tempdir");
+        Self::start_in(dir, extra)
+    }
+
+    /// Starts a server on an existing state directory (restart tests).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        let socket = dir.path().join("state").join("blockmirror.sock");
+        let log = dir.path().join("blockmirrord.log");
+        let mut child = Command::new(binary("blockmirrord"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .args(extra)
+            .env("BLOCKMIRROR_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn blockmirrord");
+        // Readiness: the server logs one line per bound listener. Read its
+        // log until that line (no sleeping, no polling), then keep copying
+        // the log to a file for failure analysis.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut reader = BufReader::new(stderr);
+        let mut file = std::fs::File::create(&log).expect("log file");
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).expect("read server log");
+            use std::io::Write;
+            let _ = file.write_all(line.as_bytes());
+            assert!(
+                n > 0,
+                "blockmirrord exited before listening; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            if line.contains("gRPC listening") {
+                break;
+            }
+        }
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut file);
+        });
+        Self {
+            dir,
+            socket,
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// A path inside the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        child.wait().expect("wait for blockmirrord")
+    }
+
+    /// Stops the server and returns its state directory for a restart.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "blockmirrord exited with {status}; log:\n{}",
+            self.log()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("bm-dummy")
+            .tempdir()
+            .expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// A gRPC channel over the unix socket.
+    pub async fn channel(&self) -> Channel {
+        let path = self.socket.clone();
+        Endpoint::try_from("http://[::]:50051")
+            .expect("static URI")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            }))
+            .await
+            .expect("connect to blockmirrord")
+    }
+
+    /// Typed clients.
+    pub async fn clients(&self) -> Clients {
+        let ch = self.channel().await;
+        Clients {
+            volumes: VolumeServiceClient::new(ch.clone()),
+            data: DataServiceClient::new(ch.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            jobs: JobServiceClient::new(ch),
+        }
+    }
+
+    /// Runs `mirrorctl` against this server.
+    pub fn mirrorctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("mirrorctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run mirrorctl")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The three service clients.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// VolumeService.
+    pub volumes: VolumeServiceClient<Channel>,
+    /// DataService.
+    pub data: DataServiceClient<Channel>,
+    /// JobService.
+    pub jobs: JobServiceClient<Channel>,
+}
+
+impl Clients {
+    /// Creates a volume of `size` bytes.
+    pub async fn create_volume(&mut self, name: &str, size: u64) -> v1::Volume {
+        self.volumes
+            .create_volume(v1::CreateVolumeRequest {
+                name: name.into(),
+                size_bytes: size,
+                path: String::new(),
+            })
+            .await
+            .expect("create volume")
+            .into_inner()
+    }
+
+    /// Sets a write limit on a volume (bytes/s).
+    pub async fn limit(&mut self, name: &str, bps: u64) {
+        self.volumes
+            .set_volume_limits(v1::SetVolumeLimitsRequest {
+                name: name.into(),
+                limits: Some(v1::IoLimits {
+                    write_bytes_per_sec: bps,
+                    write_iops: 0,
+                }),
+            })
+            .await
+            .expect("set limits");
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&mut self, volume: &str, offset: u64, data: Vec<u8>) {
+        self.data
+            .write(v1::WriteRequest {
+                volume: volume.into(),
+                offset_bytes: offset,
+                data: Bytes::from(data),
+                fua: false,
+            })
+            .await
+            .expect("write");
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&mut self, volume: &str, offset: u64, len: u64) -> Vec<u8> {
+        self.data
+            .read(v1::ReadRequest {
+                volume: volume.into(),
+                offset_bytes: offset,
+                length_bytes: len,
+            })
+            .await
+            .expect("read")
+            .into_inner()
+            .data
+            .to_vec()
+    }
+
+    /// Fills a volume with seeded random bytes through the data path.
+    pub async fn fill_random(&mut self, volume: &str, size: u64, seed: u64) -> Vec<u8> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut all = vec![0u8; usize::try_from(size).expect("test sizes fit usize")];
+        rng.fill(&mut all[..]);
+        for (i, chunk) in all.chunks(4 << 20).enumerate() {
+            self.write(volume, i as u64 * (4 << 20), chunk.to_vec())
+                .await;
+        }
+        all
+    }
+
+    /// Starts a mirror.
+    pub async fn start_mirror(&mut self, id: &str, spec: v1::MirrorSpec) -> v1::Job {
+        self.jobs
+            .start_mirror(v1::StartMirrorRequest {
+                job_id: id.into(),
+                spec: Some(spec),
+            })
+            .await
+            .expect("start mirror")
+            .into_inner()
+    }
+
+    /// The job now.
+    pub async fn job(&mut self, id: &str) -> v1::Job {
+        self.jobs
+            .get_job(v1::GetJobRequest { job_id: id.into() })
+            .await
+            .expect("get job")
+            .into_inner()
+    }
+
+    /// Waits (long poll) until the job is in one of `states`; panics after `timeout`.
+    pub async fn wait_for(
+        &mut self,
+        id: &str,
+        states: &[v1::JobState],
+        timeout: Duration,
+    ) -> v1::Job {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let job = self
+                .jobs
+                .wait_job(v1::WaitJobRequest {
+                    job_id: id.into(),
+                    until: states.iter().map(|s| *s as i32).collect(),
+                    timeout_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1),
+                })
+                .await
+                .expect("wait job")
+                .into_inner();
+            if states.iter().any(|s| *s as i32 == job.state) {
+                return job;
+            }
+            assert!(
+                !left.is_zero(),
+                "job {id} did not reach {states:?} within {timeout:?}: {job:?}"
+            );
+        }
+    }
+}
+
+/// A mirror spec with defaults for everything but source, target and mode.
+pub fn spec(source: &str, target: &str, mode: v1::CopyMode) -> v1::MirrorSpec {
+    v1::MirrorSpec {
+        source_volume: source.into(),
+        target: target.into(),
+        copy_mode: mode as i32,
+        ..Default::default()
+    }
+}
+
+/// One guest operation.
+#[derive(Debug, Clone)]
+pub enum GuestOp {
+    /// Write bytes.
+    Write(u64, Vec<u8>),
+    /// Discard (reads as zeroes afterwards in blockmirror).
+    Discard(u64, u64),
+    /// Write zeroes.
+    Zeroes(u64, u64),
+}
+
+/// A guest that writes a region of a volume sequentially (one request at a
+/// time) and keeps the bytes the region must hold. Several guests on
+/// disjoint regions make a concurrent workload with an exact oracle.
+#[derive(Debug)]
+pub struct Guest {
+    /// Volume written.
+    pub volume: String,
+    /// Region start.
+    pub base: u64,
+    /// What the region must hold after every acknowledged write.
+    pub model: Vec<u8>,
+    rng: rand::rngs::StdRng,
+    /// Operations acknowledged.
+    pub ops: u64,
+}
+
+impl Guest {
+    /// A guest over `[base, base + initial.len())` whose current content is `initial`.
+    pub fn new(volume: &str, base: u64, initial: Vec<u8>, seed: u64) -> Self {
+        Self {
+            volume: volume.into(),
+            base,
+            model: initial,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            ops: 0,
+        }
+    }
+
+    /// A random operation: sizes 512 B to 256 KiB, 1 KiB writes at odd
+    /// offsets, discards and write-zeroes.
+    pub fn next_op(&mut self) -> GuestOp {
+        let len_region = self.model.len() as u64;
+        let kind = self.rng.random_range(0..10);
+        let len: u64 = match kind {
+            0..=2 => 1024,
+            3..=6 => 512 * self.rng.random_range(1..=512u64),
+            _ => 4096 * self.rng.random_range(1..=16u64),
+        };
+        let len = len.min(len_region);
+        let mut off = self.rng.random_range(0..=len_region - len);
+        if kind <= 2 {
+            // Unaligned: an odd byte offset.
+            off |= 1;
+            off = off.min(len_region - len);
+        }
+        match kind {
+            7 => GuestOp::Discard(off, len),
+            8 => GuestOp::Zeroes(off, len),
+            _ => {
+                let mut data = vec![0u8; usize::try_from(len).expect("small")];
+                self.rng.fill(&mut data[..]);
+                GuestOp::Write(off, data)
+            }
+        }
+    }
+
+    /// Issues one operation and records it in the model once acknowledged.
+    pub async fn step(&mut self, c: &mut Clients) {
+        let op = self.next_op();
+        let vol = self.volume.clone();
+        let (off, len, data) = match op {
+            GuestOp::Write(off, data) => {
+                c.data
+                    .write(v1::WriteRequest {
+                        volume: vol,
+                        offset_bytes: self.base + off,
+                        data: Bytes::from(data.clone()),
+                        fua: false,
+                    })
+                    .await
+                    .expect("guest write");
+                (off, data.len(), Some(data))
+            }
+            GuestOp::Discard(off, len) => {
+                c.data
+                    .discard(v1::DiscardRequest {
+                        volume: vol,
+                        offset_bytes: self.base + off,
+                        length_bytes: len,
+                    })
+                    .await
+                    .expect("guest discard");
+                (off, usize::try_from(len).expect("small"), None)
+            }
+            GuestOp::Zeroes(off, len) => {
+                c.data
+                    .write_zeroes(v1::WriteZeroesRequest {
+                        volume: vol,
+                        offset_bytes: self.base + off,
+                        length_bytes: len,
+                        no_hole: false,
+                    })
+                    .await
+                    .expect("guest write-zeroes");
+                (off, usize::try_from(len).expect("small"), None)
+            }
+        };
+        let start = usize::try_from(off).expect("small");
+        let dst = &mut self.model[start..start + len];
+        match data {
+            Some(d) => dst.copy_from_slice(&d),
+            None => dst.fill(0),
+        }
+        self.ops += 1;
+    }
+}
+
+/// Index of the first differing byte, if any (to keep failure output short).
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Asserts two byte slices are equal, reporting the first difference.
+#[track_caller]
+pub fn assert_same(what: &str, a: &[u8], b: &[u8]) {
+    if let Some(i) = first_difference(a, b) {
+        panic!(
+            "{what}: differ at byte {i} (chunk {} at 64 KiB) of {} / {}",
+            i / 65536,
+            a.len(),
+            b.len()
+        );
+    }
+}
