@@ -69,12 +69,12 @@ impl Endpoint {
                 .map_err(|_| invalid("not a valid http://HOST:PORT URL"))?;
             return Ok(Self::Http(s.to_owned()));
         }
-        if let Some((scheme, _)) = s.split_once("://") {
-            if !scheme.contains('/') {
-                return Err(invalid(
-                    "unknown scheme (use http://HOST:PORT or a socket path)",
-                ));
-            }
+        if let Some((scheme, _)) = s.split_once("://")
+            && !scheme.contains('/')
+        {
+            return Err(invalid(
+                "unknown scheme (use http://HOST:PORT or a socket path)",
+            ));
         }
         Ok(Self::Unix(PathBuf::from(s)))
     }

@@ -32,7 +32,7 @@
 //!   names.
 //! - [`json`]: the JSON forms of jobs, volumes and events.
 //! - [`size`]: [`parse_size`] and [`format_size`] (`64K`, `1.5 GiB`).
-//! - [`error`]: [`ClientError`].
+//! - [`error`]: the error type, [`ClientError`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 

@@ -169,7 +169,7 @@ pub fn format_size(bytes: u64) -> String {
         tenths = (u128::from(bytes) * 10 + divisor / 2) / divisor;
     }
     let name = UNIT_NAMES[unit];
-    if tenths % 10 == 0 {
+    if tenths.is_multiple_of(10) {
         format!("{} {name}", tenths / 10)
     } else {
         format!("{}.{} {name}", tenths / 10, tenths % 10)

@@ -168,7 +168,14 @@ impl JobView {
                     self.state = state;
                 }
             }
-            EventType::BlockJobReady => self.see(JobState::Ready),
+            EventType::BlockJobReady => {
+                // The server may send READY before or after the status
+                // change; either way the job is ready now.
+                self.see(JobState::Ready);
+                if fresh {
+                    self.state = JobState::Ready;
+                }
+            }
             EventType::BlockJobCompleted => {
                 self.end = Some(if ev.error.is_empty() {
                     JobEnd::Completed {
@@ -355,6 +362,7 @@ pub(crate) mod tests {
         let mut v = JobView::from_job(&job("j", JobState::Running, 1));
         v.apply_event(&event("j", 2, EventType::BlockJobReady));
         assert!(v.has_seen(JobState::Ready));
+        assert_eq!(v.state, JobState::Ready);
     }
 
     #[test]

@@ -81,8 +81,9 @@ pub struct WaitReport {
     pub outcome: WaitOutcome,
     /// The job as last seen.
     pub view: JobView,
-    /// The newest job record, with the view's newer fields merged in (for
-    /// printing).
+    /// The job for printing: fetched once more after the wait, or, if it
+    /// is gone, the newest record seen with the view's newer fields merged
+    /// in.
     pub job: Job,
 }
 
@@ -177,8 +178,16 @@ impl Waiter<'_> {
                 *end = self.view.end.clone().unwrap_or(JobEnd::Gone);
             }
         }
-        let mut job = self.record.clone();
-        self.view.merge_into(&mut job);
+        // The record to show: a fresh one if the job still exists, else the
+        // last one with what the events said since.
+        let job = match self.client.jobs().get(&self.view.id).await {
+            Ok(job) => job,
+            Err(_) => {
+                let mut job = self.record.clone();
+                self.view.merge_into(&mut job);
+                job
+            }
+        };
         Ok(WaitReport {
             outcome,
             view: self.view.clone(),
@@ -433,7 +442,9 @@ mod component_tests {
             .await
             .unwrap();
         assert_eq!(report.outcome, WaitOutcome::Reached(JobState::Ready));
-        assert_eq!(report.job.state(), JobState::Ready);
+        assert_eq!(report.view.state, JobState::Ready);
+        // The printed record is fetched again after the wait.
+        assert_eq!(report.job.state(), JobState::Running);
         assert!(updates >= 2);
         // Replayed from the record the wait started from.
         assert_eq!(mock.script.lock().unwrap().watch_calls, vec![4]);
@@ -541,8 +552,10 @@ mod component_tests {
     async fn completion_with_pivot_is_reported() {
         let mut completed = event("j", 3, EventType::BlockJobCompleted);
         completed.pivoted = true;
+        // Auto-dismissed at the end: the final GetJob finds nothing, so the
+        // report merges what the events said into the last record.
         let mock = Mock::start(Script {
-            job: Some(job("j", JobState::Waiting, 2)),
+            job: None,
             stream: Some(vec![
                 WatchItem::Snapshot(job("j", JobState::Waiting, 2)),
                 WatchItem::Event(status("j", 3, JobState::Pending)),
@@ -554,12 +567,14 @@ mod component_tests {
         .await;
         let report = mock
             .client
-            .wait_for_job("j", &WaitOptions::done(), |_| {})
+            .wait_from(job("j", JobState::Waiting, 2), &WaitOptions::done(), |_| {})
             .await
             .unwrap();
         assert_eq!(report.outcome, WaitOutcome::Reached(JobState::Concluded));
         assert_eq!(report.view.end, Some(JobEnd::Completed { pivoted: true }));
         assert!(report.job.pivoted);
+        assert_eq!(report.job.state(), JobState::Concluded);
+        assert_eq!(report.job.last_event_sequence, 4);
     }
 
     #[tokio::test]

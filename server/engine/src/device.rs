@@ -41,6 +41,17 @@ impl Device {
         self.backend.size()
     }
 
+    /// Waits until the write limits let `bytes` pass, for a write that
+    /// will then go through [`Self::prepaid`].
+    pub async fn pay(&self, bytes: u64) {
+        self.throttle(bytes).await;
+    }
+
+    /// The same backend without limits, for I/O already paid for.
+    pub fn prepaid(&self) -> Self {
+        Self::unthrottled(Arc::clone(&self.backend))
+    }
+
     async fn throttle(&self, bytes: u64) {
         if let Some(t) = &self.throttle {
             t.acquire(bytes).await;

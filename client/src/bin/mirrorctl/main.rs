@@ -33,7 +33,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::cli::{
-    Cli, Command, DataCmd, JobCmd, MirrorCmd, StartArgs, VolumeCmd, WaitArg, WatchArgs,
+    Cli, Command, DEFAULT_SOCKET, DataCmd, JobCmd, MirrorCmd, StartArgs, VolumeCmd, WaitArg,
+    WatchArgs,
 };
 use crate::output::Printer;
 use crate::progress::Progress;
@@ -134,11 +135,14 @@ fn connect_hint(e: &ClientError) -> Option<String> {
             endpoint: Endpoint::Unix(path),
             ..
         } => Some(format!(
-            "; is blockmirrord running? Start it with `blockmirrord` (it listens on \
-             STATE_DIR/blockmirror.sock, default ./blockmirror-state/blockmirror.sock), \
-             or point mirrorctl at its socket with --socket PATH or BLOCKMIRROR_SOCKET \
-             (tried {})",
-            path.display()
+            "; is blockmirrord running? Start it with `blockmirrord` (default socket \
+             {DEFAULT_SOCKET}){}, or point mirrorctl at its socket with --socket PATH \
+             or BLOCKMIRROR_SOCKET",
+            if path == Path::new(DEFAULT_SOCKET) {
+                " in this directory"
+            } else {
+                ""
+            }
         )),
         ClientError::Connect {
             endpoint: Endpoint::Http(_),
@@ -714,7 +718,10 @@ mod tests {
             .block_on(Client::connect("/nonexistent/bm.sock"))
             .unwrap_err();
         let hint = connect_hint(&err).expect("a connect error gets a hint");
-        assert!(hint.contains("/nonexistent/bm.sock") && hint.contains("blockmirrord"));
+        assert!(
+            hint.contains("--socket") && hint.contains("blockmirrord"),
+            "{hint}"
+        );
         assert_eq!(
             connect_hint(&ClientError::from(tonic::Status::not_found("x"))),
             None

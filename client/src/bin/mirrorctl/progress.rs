@@ -39,18 +39,24 @@ impl Progress {
             self.remove(&view.id);
             return;
         }
-        let bar = self.bars.entry(view.id.clone()).or_insert_with(|| {
-            let bar = multi.add(ProgressBar::new(1));
-            let style = ProgressStyle::with_template(TEMPLATE)
-                .map(|s| s.progress_chars("=> "))
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
-            bar.set_style(style);
-            bar.set_prefix(view.id.clone());
-            bar
-        });
-        bar.set_length(view.total_progress.max(1));
-        bar.set_position(view.current_progress.min(view.total_progress));
-        bar.set_message(status_text(view));
+        let fill = |bar: &ProgressBar| {
+            bar.set_length(view.total_progress.max(1));
+            bar.set_position(view.current_progress.min(view.total_progress));
+            bar.set_message(status_text(view));
+        };
+        if let Some(bar) = self.bars.get(&view.id) {
+            fill(bar);
+            return;
+        }
+        // Fill the bar before it is shown, so its first frame is complete.
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+        let style = ProgressStyle::with_template(TEMPLATE)
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_prefix(view.id.clone());
+        fill(&bar);
+        self.bars.insert(view.id.clone(), multi.add(bar));
     }
 
     /// Removes a job's bar.

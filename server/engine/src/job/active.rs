@@ -411,6 +411,10 @@ impl ActiveMirror {
         let (off, stop) = self.byte_span(start, end);
         let len = stop - off;
         speed.acquire(len).await;
+        // Pay the target's write limit before taking the range lock, so a
+        // guest write to these chunks waits for the copy's I/O only, not
+        // for its turn at a slow target's token bucket.
+        self.target.pay(len).await;
         let _lock = self.locks.lock(off, stop).await;
         let cleared = self.bitmap().clear_range(start, end).unwrap_or(0);
         if cleared == 0 {
@@ -435,6 +439,7 @@ impl ActiveMirror {
     }
 
     async fn copy_locked(&self, source: &Device, off: u64, len: u64) -> Result<(), MirrorIoError> {
+        let target = self.target.prepaid();
         let src_err = |operation, error| MirrorIoError {
             side: Side::Source,
             operation,
@@ -450,8 +455,7 @@ impl ActiveMirror {
             Ok(Allocation::Hole { end }) if end >= off + len
         );
         if hole {
-            return self
-                .target
+            return target
                 .write_zeroes(off, len, true, false)
                 .await
                 .map_err(tgt_err);
@@ -461,12 +465,12 @@ impl ActiveMirror {
             .map_err(|_| src_err("read", EngineError::invalid("copy too large")))?;
         let data = source.read(off, n).await.map_err(|e| src_err("read", e))?;
         if data.iter().all(|&b| b == 0) {
-            self.target
+            target
                 .write_zeroes(off, len, true, false)
                 .await
                 .map_err(tgt_err)
         } else {
-            self.target.write(off, data, false).await.map_err(tgt_err)
+            target.write(off, data, false).await.map_err(tgt_err)
         }
     }
 }
