@@ -151,8 +151,8 @@ async fn bytes_in_flight_stay_under_buf_size_with_a_slow_target() {
             while Instant::now() < until {
                 c.write(
                     "src",
-                    (i * 2 << 20) + (done % 8) * (256 << 10),
-                    vec![i as u8 + 1; 256 << 10],
+                    ((i * 2) << 20) + (done % 8) * (256 << 10),
+                    vec![u8::try_from(i + 1).unwrap(); 256 << 10],
                 )
                 .await;
                 done += 1;

@@ -202,7 +202,7 @@ impl Engine {
     pub fn create_volume(&self, name: &str, size: u64, path: Option<&Path>) -> Result<VolumeInfo> {
         self.check_open()?;
         validate_name("volume name", name)?;
-        if size == 0 || size % 512 != 0 {
+        if size == 0 || !size.is_multiple_of(512) {
             return Err(EngineError::invalid(format!(
                 "size {size} must be a positive multiple of 512 bytes"
             )));

@@ -446,7 +446,7 @@ impl Job {
             s.cancel_requested = Some(false);
             self.set_mode(&mut s, true, "cancel");
             self.transition(&mut s, JobStatus::Waiting);
-        } else if !(s.cancel_requested == Some(false) && !force) {
+        } else if s.cancel_requested != Some(false) || force {
             // A graceful cancel (or complete) already under way is only
             // overridden by force.
             s.cancel_requested = Some(true);
