@@ -70,6 +70,17 @@ pub struct Config {
     #[arg(long = "listen", env = "BLOCKMIRROR_LISTEN", value_delimiter = ',')]
     pub listen: Vec<ListenAddr>,
 
+    /// NBD listener, unix:PATH or tcp:HOST:PORT; repeat for several.
+    /// Default: unix:STATE_DIR/nbd.sock. TCP binds only where you say
+    /// (use a loopback address unless the network is trusted: NBD has no
+    /// authentication).
+    #[arg(
+        long = "nbd-listen",
+        env = "BLOCKMIRROR_NBD_LISTEN",
+        value_delimiter = ','
+    )]
+    pub nbd_listen: Vec<ListenAddr>,
+
     /// Events kept for WatchEvents replay (older ones answer OUT_OF_RANGE).
     #[arg(long, env = "BLOCKMIRROR_EVENT_HISTORY", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
@@ -97,6 +108,15 @@ impl Config {
             vec![ListenAddr::Unix(self.state_dir.join("blockmirror.sock"))]
         } else {
             self.listen.clone()
+        }
+    }
+
+    /// The NBD listeners to bind: the flags, or the default socket.
+    pub fn nbd_listeners(&self) -> Vec<ListenAddr> {
+        if self.nbd_listen.is_empty() {
+            vec![ListenAddr::Unix(self.state_dir.join("nbd.sock"))]
+        } else {
+            self.nbd_listen.clone()
         }
     }
 

@@ -5,11 +5,13 @@
 //! - [`config`]: flags and `BLOCKMIRROR_*` environment variables.
 //! - [`grpc`]: the tonic services (volumes, data, jobs, events), health and
 //!   reflection; engine errors become status codes in `grpc::status`.
+//! - [`nbd`]: the NBD server (handshake, transmission, errno mapping).
 //! - [`telemetry`]: logging set-up.
 //! - [`run`]: binds the listeners, serves until shutdown, then drains.
 
 pub mod config;
 pub mod grpc;
+pub mod nbd;
 pub mod telemetry;
 
 use blockmirror_engine::{Engine, EngineConfig};
@@ -94,15 +96,16 @@ pub async fn bind(addrs: &[ListenAddr]) -> Result<Vec<Listener>, RunError> {
     Ok(out)
 }
 
-/// Opens the engine, serves gRPC on `listeners` until `shutdown` resolves,
-/// then stops accepting, lets in-flight requests finish, stops the jobs
-/// (records saved) and flushes the volumes.
+/// Opens the engine, serves gRPC on `listeners` and NBD on `nbd_listeners`
+/// until `shutdown` resolves, then stops accepting, lets in-flight requests
+/// finish, stops the jobs (records saved) and flushes the volumes.
 ///
 /// # Errors
 /// See [`RunError`].
 pub async fn run(
     config: &Config,
     listeners: Vec<Listener>,
+    nbd_listeners: Vec<Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let engine = Engine::open(EngineConfig {
@@ -114,6 +117,21 @@ pub async fn run(
         .await
         .map_err(RunError::Routes)?;
     let stop = CancellationToken::new();
+    let nbd_sessions = tokio_util::task::TaskTracker::new();
+    for l in nbd_listeners {
+        match &l {
+            Listener::Unix(u) => {
+                tracing::info!(addr = ?u.local_addr().ok(), "NBD listening (unix)")
+            }
+            Listener::Tcp(t) => tracing::info!(addr = ?t.local_addr().ok(), "NBD listening (tcp)"),
+        }
+        nbd_sessions.spawn(nbd::serve(
+            l,
+            Arc::clone(&engine),
+            stop.clone(),
+            nbd_sessions.clone(),
+        ));
+    }
     let mut servers = tokio::task::JoinSet::new();
     for l in listeners {
         let router = tonic::transport::Server::builder().add_routes(routes.clone());
@@ -157,7 +175,7 @@ pub async fn run(
     }
     // 2. stop jobs, save records, flush volumes.
     engine.shutdown(grace).await;
-    for addr in config.listeners() {
+    for addr in config.listeners().into_iter().chain(config.nbd_listeners()) {
         if let ListenAddr::Unix(p) = addr {
             let _ = std::fs::remove_file(p);
         }

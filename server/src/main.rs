@@ -44,7 +44,8 @@ fn main() -> ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
         let listeners = blockmirror_server::bind(&config.listeners()).await?;
-        blockmirror_server::run(&config, listeners, shutdown_signal()).await?;
+        let nbd_listeners = blockmirror_server::bind(&config.nbd_listeners()).await?;
+        blockmirror_server::run(&config, listeners, nbd_listeners, shutdown_signal()).await?;
         Ok(())
     });
     match result {

@@ -48,6 +48,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     /// The gRPC unix socket.
     pub socket: PathBuf,
+    /// The NBD unix socket.
+    pub nbd_socket: PathBuf,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -70,6 +72,7 @@ impl TestServer {
     /// Starts a server on an existing state directory (restart tests).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let socket = dir.path().join("state").join("blockmirror.sock");
+        let nbd_socket = dir.path().join("state").join("nbd.sock");
         let log = dir.path().join("blockmirrord.log");
         let mut child = Command::new(binary("blockmirrord"))
             .arg("--state-dir")
@@ -110,6 +113,7 @@ impl TestServer {
         Self {
             dir,
             socket,
+            nbd_socket,
             child: Some(child),
             log,
         }
@@ -118,6 +122,11 @@ impl TestServer {
     /// A path inside the scratch directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// The NBD URI of `export` on this server's unix socket.
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd_socket.display())
     }
 
     /// The server's log so far.
@@ -218,6 +227,18 @@ impl Clients {
             .into_inner()
     }
 
+    /// Exports a volume over NBD under its own name.
+    pub async fn export(&mut self, volume: &str, read_only: bool) {
+        self.volumes
+            .add_export(v1::AddExportRequest {
+                volume: volume.into(),
+                name: String::new(),
+                read_only,
+            })
+            .await
+            .expect("add export");
+    }
+
     /// Sets a write limit on a volume (bytes/s).
     pub async fn limit(&mut self, name: &str, bps: u64) {
         self.volumes
@@ -245,19 +266,27 @@ impl Clients {
             .expect("write");
     }
 
-    /// Reads `len` bytes at `offset`.
+    /// Reads `len` bytes at `offset` (in requests of at most 16 MiB).
     pub async fn read(&mut self, volume: &str, offset: u64, len: u64) -> Vec<u8> {
-        self.data
-            .read(v1::ReadRequest {
-                volume: volume.into(),
-                offset_bytes: offset,
-                length_bytes: len,
-            })
-            .await
-            .expect("read")
-            .into_inner()
-            .data
-            .to_vec()
+        let mut out = Vec::with_capacity(usize::try_from(len).expect("test sizes fit usize"));
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(16 << 20);
+            let part = self
+                .data
+                .read(v1::ReadRequest {
+                    volume: volume.into(),
+                    offset_bytes: at,
+                    length_bytes: n,
+                })
+                .await
+                .expect("read")
+                .into_inner()
+                .data;
+            out.extend_from_slice(&part);
+            at += n;
+        }
+        out
     }
 
     /// Fills a volume with seeded random bytes through the data path.
@@ -471,4 +500,23 @@ pub fn assert_same(what: &str, a: &[u8], b: &[u8]) {
             b.len()
         );
     }
+}
+
+/// Runs an external tool and returns (success, stdout + stderr).
+pub fn tool(program: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} could not be started ({e}); .ci/run installs it"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Runs an external tool and panics with its output unless it succeeds.
+#[track_caller]
+pub fn tool_ok(program: &str, args: &[&str]) -> String {
+    let (ok, text) = tool(program, args);
+    assert!(ok, "{program} {args:?} failed:\n{text}");
+    text
 }

@@ -62,6 +62,7 @@ fn attach_req(name: &str, path: &str, direct_io: bool) -> v1::AttachVolumeReques
         name: name.into(),
         path: path.into(),
         direct_io,
+        ..Default::default()
     }
 }
 
@@ -92,7 +93,10 @@ async fn create_volume_refuses_bad_names_sizes_and_paths() {
             Code::InvalidArgument,
             &["volume name", needle],
         );
-        assert!(!volume_exists(&mut c, name).await, "{name:?} was registered");
+        assert!(
+            !volume_exists(&mut c, name).await,
+            "{name:?} was registered"
+        );
     }
     // 128 characters is the longest name accepted.
     c.create_volume(&"y".repeat(128), 4096).await;
@@ -117,7 +121,9 @@ async fn create_volume_refuses_bad_names_sizes_and_paths() {
     assert_eq!(first, again);
     refused(
         "duplicate with another size",
-        c.volumes.create_volume(create_req("dup", 2 * SIZE, "")).await,
+        c.volumes
+            .create_volume(create_req("dup", 2 * SIZE, ""))
+            .await,
         Code::AlreadyExists,
         &["\"dup\"", "already exists"],
     );
@@ -169,7 +175,9 @@ async fn attach_volume_refuses_bad_paths() {
     let missing = missing.to_str().unwrap();
     refused(
         "nonexistent path",
-        c.volumes.attach_volume(attach_req("m", missing, false)).await,
+        c.volumes
+            .attach_volume(attach_req("m", missing, false))
+            .await,
         Code::NotFound,
         &[missing],
     );
@@ -204,7 +212,9 @@ async fn attach_volume_refuses_bad_paths() {
     );
     refused(
         "bad name",
-        c.volumes.attach_volume(attach_req("a/b", good, false)).await,
+        c.volumes
+            .attach_volume(attach_req("a/b", good, false))
+            .await,
         Code::InvalidArgument,
         &["volume name", "a/b"],
     );
@@ -705,10 +715,7 @@ async fn start_mirror_refuses_bad_specs() {
     refused(
         "target file of another size",
         c.jobs
-            .start_mirror(start_req(
-                "j",
-                spec("src", &target, CopyMode::Background),
-            ))
+            .start_mirror(start_req("j", spec("src", &target, CopyMode::Background)))
             .await,
         Code::InvalidArgument,
         &[other_size.to_str().unwrap(), "4096", &SIZE.to_string()],
@@ -891,7 +898,10 @@ async fn start_mirror_refuses_bad_specs() {
 }
 
 /// Every job RPC with `id`, as (name, result).
-async fn every_job_rpc(c: &mut Clients, id: &str) -> Vec<(&'static str, Result<(), tonic::Status>)> {
+async fn every_job_rpc(
+    c: &mut Clients,
+    id: &str,
+) -> Vec<(&'static str, Result<(), tonic::Status>)> {
     let job_id = id.to_owned();
     let r = || v1::JobRequest {
         job_id: job_id.clone(),
@@ -1087,7 +1097,10 @@ async fn change_job_and_wait_job_refuse_bad_arguments() {
     let t0 = Instant::now();
     let j = c
         .jobs
-        .wait_job(wait(vec![JobState::Ready as i32, JobState::Paused as i32], 20_000))
+        .wait_job(wait(
+            vec![JobState::Ready as i32, JobState::Paused as i32],
+            20_000,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -1229,6 +1242,9 @@ fn blockmirrord_help_exits_0_and_names_the_env_twins() {
         "BLOCKMIRROR_EVENT_HISTORY",
         "--listen",
     ] {
-        assert!(stdout.contains(needle), "--help must mention {needle}:\n{stdout}");
+        assert!(
+            stdout.contains(needle),
+            "--help must mention {needle}:\n{stdout}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use crate::job::spec::{CopyMode, MirrorSpec, TargetSpec};
 use crate::job::state::JobStatus;
 use crate::job::{Job, JobInfo, JobParts, PersistFn};
 use crate::names::validate_name;
-use crate::store::{JobRecord, Store, VolumeRecord};
+use crate::store::{ExportRecord, JobRecord, Store, VolumeRecord};
 use crate::throttle::RateLimits;
 use crate::volume::{Volume, VolumeRole};
 use std::collections::BTreeMap;
@@ -56,6 +56,8 @@ pub struct Engine {
     jobs: Registry<Arc<Job>>,
     /// Jobs known only from their records (from before a restart).
     restored: Registry<JobRecord>,
+    /// NBD exports by export name.
+    exports: Registry<ExportRecord>,
     events: Arc<EventLog>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -125,12 +127,25 @@ impl Engine {
             }
             restored.insert(rec.id.clone(), rec);
         }
-        tracing::info!(volumes = volumes.len(), jobs = restored.len(), dir = %config.state_dir.display(), "state restored");
+        let exports: BTreeMap<String, ExportRecord> = store
+            .load_exports()?
+            .into_iter()
+            .filter(|e| volumes.contains_key(&e.volume))
+            .map(|e| (e.name.clone(), e))
+            .collect();
+        tracing::info!(
+            volumes = volumes.len(),
+            exports = exports.len(),
+            jobs = restored.len(),
+            dir = %config.state_dir.display(),
+            "state restored"
+        );
         Ok(Arc::new(Self {
             store,
             volumes: Arc::new(Mutex::new(volumes)),
             jobs: Arc::default(),
             restored: Arc::new(Mutex::new(restored)),
+            exports: Arc::new(Mutex::new(exports)),
             events: Arc::new(EventLog::new(config.event_history)),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -310,6 +325,90 @@ impl Engine {
         v.set_limits(limits);
         self.save_volumes()?;
         Ok(volume_info(&v))
+    }
+
+    // ----- exports -----
+
+    /// Exports `volume` over NBD as `name` (default: the volume's name).
+    /// Idempotent for the same definition.
+    ///
+    /// # Errors
+    /// `InvalidArgument`, `NotFound` (volume), `AlreadyExists` (name taken
+    /// by another definition).
+    pub fn add_export(
+        &self,
+        volume: &str,
+        name: Option<&str>,
+        read_only: bool,
+    ) -> Result<ExportRecord> {
+        self.check_open()?;
+        let name = name.unwrap_or(volume);
+        validate_name("export name", name)?;
+        self.volume(volume)?;
+        let rec = ExportRecord {
+            name: name.to_owned(),
+            volume: volume.to_owned(),
+            read_only,
+        };
+        {
+            let mut exports = lock(&self.exports);
+            match exports.get(name) {
+                Some(e) if *e == rec => return Ok(rec),
+                Some(e) => {
+                    return Err(EngineError::new(
+                        ErrorKind::AlreadyExists,
+                        format!("export {name:?} already exists (volume {:?})", e.volume),
+                    ));
+                }
+                None => {
+                    exports.insert(name.to_owned(), rec.clone());
+                }
+            }
+        }
+        if let Err(e) = self.save_exports() {
+            lock(&self.exports).remove(name);
+            return Err(e);
+        }
+        tracing::info!(export = name, volume, read_only, "export added");
+        Ok(rec)
+    }
+
+    fn save_exports(&self) -> Result<()> {
+        let all: Vec<ExportRecord> = lock(&self.exports).values().cloned().collect();
+        self.store.save_exports(&all)
+    }
+
+    /// Every export, by name.
+    pub fn list_exports(&self) -> Vec<ExportRecord> {
+        lock(&self.exports).values().cloned().collect()
+    }
+
+    /// Stops exporting `name` to new connections.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn remove_export(&self, name: &str) -> Result<()> {
+        if lock(&self.exports).remove(name).is_none() {
+            return Err(EngineError::not_found(format!(
+                "export {name:?} does not exist"
+            )));
+        }
+        self.save_exports()?;
+        tracing::info!(export = name, "export removed");
+        Ok(())
+    }
+
+    /// An export and its volume.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn export(&self, name: &str) -> Result<(ExportRecord, Arc<Volume>)> {
+        let rec = lock(&self.exports)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::not_found(format!("export {name:?} does not exist")))?;
+        let v = self.volume(&rec.volume)?;
+        Ok((rec, v))
     }
 
     // ----- jobs -----

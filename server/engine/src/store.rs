@@ -2,8 +2,8 @@
 //! written atomically (temporary file, fsync, rename), so a crash leaves
 //! either the old or the new version.
 //!
-//! Layout: `STATE/volumes.json`, `STATE/jobs/ID.json`, and created volume
-//! files under `STATE/volumes/`.
+//! Layout: `STATE/volumes.json`, `STATE/exports.json`, `STATE/jobs/ID.json`,
+//! and created volume files under `STATE/volumes/`.
 
 use crate::error::{EngineError, Result};
 use crate::job::spec::MirrorSpec;
@@ -24,6 +24,17 @@ pub struct VolumeRecord {
     /// Write limits.
     #[serde(default)]
     pub limits: RateLimits,
+}
+
+/// A volume exported over NBD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    /// Export name clients ask for.
+    pub name: String,
+    /// The volume behind it.
+    pub volume: String,
+    /// Writes are refused with EPERM.
+    pub read_only: bool,
 }
 
 /// What is kept of a job across restarts.
@@ -119,6 +130,24 @@ impl Store {
         let bytes =
             serde_json::to_vec_pretty(volumes).map_err(|e| EngineError::invalid(e.to_string()))?;
         self.write_atomic(&self.dir.join("volumes.json"), &bytes)
+    }
+
+    /// All export definitions.
+    ///
+    /// # Errors
+    /// `Io` on an unreadable or corrupt file.
+    pub fn load_exports(&self) -> Result<Vec<ExportRecord>> {
+        Ok(Self::read_json(&self.dir.join("exports.json"))?.unwrap_or_default())
+    }
+
+    /// Replaces all export definitions.
+    ///
+    /// # Errors
+    /// `Io` if the file cannot be written.
+    pub fn save_exports(&self, exports: &[ExportRecord]) -> Result<()> {
+        let bytes =
+            serde_json::to_vec_pretty(exports).map_err(|e| EngineError::invalid(e.to_string()))?;
+        self.write_atomic(&self.dir.join("exports.json"), &bytes)
     }
 
     /// All job records.

@@ -287,6 +287,48 @@ impl Volume {
         .await
     }
 
+    /// Allocation of `[offset, offset+len)` as (length, reads-as-zero)
+    /// extents in order, at most `max_extents` of them (the last one may
+    /// end before `offset + len`).
+    ///
+    /// # Errors
+    /// A bad range; the backend's I/O error.
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<(u64, bool)>> {
+        self.check_range(offset, len.min(MAX_REQUEST_BYTES))?;
+        let end = offset.saturating_add(len).min(self.size());
+        let _io = self.gate.read().await;
+        let backend = self.backend();
+        let run = move || -> std::io::Result<Vec<(u64, bool)>> {
+            let mut out = Vec::new();
+            let mut off = offset;
+            while off < end && out.len() < max_extents {
+                let (stop, hole) = match backend.allocation(off, end - off)? {
+                    crate::backend::Allocation::Data { end } => (end, false),
+                    crate::backend::Allocation::Hole { end } => (end, true),
+                };
+                let stop = stop.clamp(off + 1, end);
+                match out.last_mut() {
+                    Some((l, h)) if *h == hole => *l += stop - off,
+                    _ => out.push((stop - off, hole)),
+                }
+                off = stop;
+            }
+            Ok(out)
+        };
+        match tokio::task::spawn_blocking(run).await {
+            Ok(r) => r.map_err(|e| EngineError::io("querying allocation", e)),
+            Err(e) => Err(EngineError::io(
+                "querying allocation",
+                std::io::Error::other(e.to_string()),
+            )),
+        }
+    }
+
     /// Makes completed writes durable — on the target too while a job
     /// mirrors synchronously.
     ///

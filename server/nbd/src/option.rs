@@ -144,8 +144,12 @@ pub fn parse_option(opt: u32, data: &[u8]) -> Result<ClientOption, WireError> {
         OPT_STRUCTURED_REPLY => empty(&r, ClientOption::StructuredReply),
         OPT_INFO => info(&mut r).map(|(name, requests)| ClientOption::Info { name, requests }),
         OPT_GO => info(&mut r).map(|(name, requests)| ClientOption::Go { name, requests }),
-        OPT_LIST_META_CONTEXT => meta(&mut r).map(|(name, queries)| ClientOption::ListMetaContext { name, queries }),
-        OPT_SET_META_CONTEXT => meta(&mut r).map(|(name, queries)| ClientOption::SetMetaContext { name, queries }),
+        OPT_LIST_META_CONTEXT => {
+            meta(&mut r).map(|(name, queries)| ClientOption::ListMetaContext { name, queries })
+        }
+        OPT_SET_META_CONTEXT => {
+            meta(&mut r).map(|(name, queries)| ClientOption::SetMetaContext { name, queries })
+        }
         other => Ok(ClientOption::Unknown(other)),
     }
 }
@@ -232,7 +236,11 @@ pub fn encode_go(name: &str, requests: &[u16]) -> Vec<u8> {
     let mut data = Vec::new();
     data.extend_from_slice(&u32::try_from(name.len()).unwrap_or(u32::MAX).to_be_bytes());
     data.extend_from_slice(name.as_bytes());
-    data.extend_from_slice(&u16::try_from(requests.len()).unwrap_or(u16::MAX).to_be_bytes());
+    data.extend_from_slice(
+        &u16::try_from(requests.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
     for r in requests {
         data.extend_from_slice(&r.to_be_bytes());
     }
@@ -270,7 +278,10 @@ mod tests {
             }
         );
         let hdr = encode_option(OPT_GO, &data);
-        assert_eq!(parse_option_header(&hdr[..16]).unwrap(), (OPT_GO, data.len() as u32));
+        assert_eq!(
+            parse_option_header(&hdr[..16]).unwrap(),
+            (OPT_GO, data.len() as u32)
+        );
     }
 
     #[test]
@@ -285,7 +296,10 @@ mod tests {
         let mut big = encode_option(OPT_GO, &[]);
         big[12..16].copy_from_slice(&(MAX_OPTION_BYTES + 1).to_be_bytes());
         assert!(parse_option_header(&big).is_err());
-        assert_eq!(parse_option(77, &[1, 2]).unwrap(), ClientOption::Unknown(77));
+        assert_eq!(
+            parse_option(77, &[1, 2]).unwrap(),
+            ClientOption::Unknown(77)
+        );
     }
 
     #[test]

@@ -33,7 +33,13 @@ fn done(last: bool) -> u16 {
 /// data follow it.
 pub fn offset_data_header(handle: u64, offset: u64, data_len: u32, last: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(STRUCTURED_HEADER_LEN + 8);
-    chunk_header(&mut out, done(last), REPLY_TYPE_OFFSET_DATA, handle, data_len.saturating_add(8));
+    chunk_header(
+        &mut out,
+        done(last),
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        data_len.saturating_add(8),
+    );
     out.extend_from_slice(&offset.to_be_bytes());
     out
 }
@@ -51,7 +57,13 @@ pub fn error(handle: u64, error: u32, message: &str) -> Vec<u8> {
     // msg is at most 4096 bytes.
     let msg_len = u16::try_from(msg.len()).unwrap_or(u16::MAX);
     let mut out = Vec::with_capacity(STRUCTURED_HEADER_LEN + 6 + msg.len());
-    chunk_header(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, 6 + u32::from(msg_len));
+    chunk_header(
+        &mut out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        handle,
+        6 + u32::from(msg_len),
+    );
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&msg_len.to_be_bytes());
     out.extend_from_slice(msg);
@@ -62,7 +74,13 @@ pub fn error(handle: u64, error: u32, message: &str) -> Vec<u8> {
 pub fn block_status(handle: u64, context_id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
     let len = 4 + 8 * extents.len();
     let mut out = Vec::with_capacity(STRUCTURED_HEADER_LEN + len);
-    chunk_header(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, handle, u32::try_from(len).unwrap_or(u32::MAX));
+    chunk_header(
+        &mut out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        handle,
+        u32::try_from(len).unwrap_or(u32::MAX),
+    );
     out.extend_from_slice(&context_id.to_be_bytes());
     for (l, f) in extents {
         out.extend_from_slice(&l.to_be_bytes());
@@ -142,7 +160,10 @@ mod tests {
         let s = simple(7, EIO);
         assert_eq!(
             parse_header(SIMPLE_REPLY_MAGIC, &s[4..]).unwrap(),
-            ReplyHeader::Simple { error: EIO, handle: 7 }
+            ReplyHeader::Simple {
+                error: EIO,
+                handle: 7
+            }
         );
         let c = offset_data_header(9, 4096, 512, true);
         assert_eq!(

@@ -37,6 +37,15 @@ pub fn volume(v: VolumeInfo) -> v1::Volume {
     }
 }
 
+/// An export as a proto message.
+pub fn export(e: blockmirror_engine::store::ExportRecord) -> v1::Export {
+    v1::Export {
+        name: e.name,
+        volume: e.volume,
+        read_only: e.read_only,
+    }
+}
+
 /// A job state as the proto enum.
 pub fn job_state(s: JobStatus) -> v1::JobState {
     match s {

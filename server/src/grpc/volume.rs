@@ -85,4 +85,38 @@ impl VolumeService for VolumeApi {
         let v = self.engine.set_volume_limits(&r.name, limits).status()?;
         Ok(Response::new(convert::volume(v)))
     }
+
+    async fn add_export(
+        &self,
+        req: Request<v1::AddExportRequest>,
+    ) -> Result<Response<v1::Export>, Status> {
+        let r = req.into_inner();
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        let e = self
+            .engine
+            .add_export(&r.volume, name, r.read_only)
+            .status()?;
+        Ok(Response::new(convert::export(e)))
+    }
+
+    async fn list_exports(
+        &self,
+        _req: Request<v1::ListExportsRequest>,
+    ) -> Result<Response<v1::ListExportsResponse>, Status> {
+        let exports = self
+            .engine
+            .list_exports()
+            .into_iter()
+            .map(convert::export)
+            .collect();
+        Ok(Response::new(v1::ListExportsResponse { exports }))
+    }
+
+    async fn remove_export(
+        &self,
+        req: Request<v1::RemoveExportRequest>,
+    ) -> Result<Response<v1::RemoveExportResponse>, Status> {
+        self.engine.remove_export(&req.into_inner().name).status()?;
+        Ok(Response::new(v1::RemoveExportResponse {}))
+    }
 }
