@@ -193,6 +193,7 @@ async fn fio_random_writes_verify_over_several_connections() {
                 "--offset_increment=24m",
                 "--verify=crc32c",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--do_verify=1",
                 "--output-format=terse",
             ],
