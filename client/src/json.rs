@@ -1,4 +1,4 @@
-//! JSON forms of jobs, volumes and events, as `mirrorctl -o json` prints
+//! JSON forms of jobs, volumes, exports and events, as `mirrorctl -o json` prints
 //! them and scripts read them.
 //!
 //! Built field by field rather than derived, so the names are stable and
@@ -8,7 +8,7 @@
 //! that mean "none" as `null`. Byte counts and rates drop the proto's
 //! `_bytes` / `_bytes_per_sec` suffixes (`current_progress`, `copy_rate`).
 
-use blockmirror_proto::v1::{Event, EventType, Job, MirrorSpec, Volume};
+use blockmirror_proto::v1::{Event, EventType, Export, Job, MirrorSpec, Volume};
 use serde_json::{Map, Value, json};
 
 use crate::names::{
@@ -74,6 +74,16 @@ pub fn volume_json(volume: &Volume) -> Value {
         },
         "job_id": non_empty(&volume.job_id),
         "direct_io": volume.direct_io,
+    })
+}
+
+/// An NBD export as a JSON object: `name`, `volume`, `read_only`. No URI:
+/// the client cannot know where the server's NBD listener is.
+pub fn export_json(export: &Export) -> Value {
+    json!({
+        "name": export.name,
+        "volume": export.volume,
+        "read_only": export.read_only,
     })
 }
 
@@ -267,6 +277,22 @@ mod tests {
         assert_eq!(v["limits"]["write_iops"], 100);
         assert_eq!(v["job_id"], Value::Null);
         assert_eq!(v["direct_io"], false);
+    }
+
+    #[test]
+    fn export_fields() {
+        let export = Export {
+            name: "disk0".into(),
+            volume: "v".into(),
+            read_only: true,
+        };
+        assert_eq!(
+            export_json(&export),
+            json!({"name": "disk0", "volume": "v", "read_only": true})
+        );
+        let v = export_json(&Export::default());
+        assert_eq!(v["read_only"], false);
+        assert!(v.get("uri").is_none());
     }
 
     #[test]

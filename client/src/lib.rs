@@ -20,8 +20,8 @@
 //!   connecting to it.
 //! - [`client`]: [`Client`], one connection, handing out the service
 //!   wrappers below.
-//! - [`volume`]: [`VolumeClient`], create/attach/list/delete volumes and
-//!   their write limits.
+//! - [`volume`]: [`VolumeClient`], create/attach/list/delete volumes, their
+//!   write limits, and their NBD exports.
 //! - [`data`]: [`DataClient`], read/write/flush/discard/write-zeroes.
 //! - [`job`]: [`JobClient`], start and steer mirror jobs.
 //! - [`watch`]: [`WatchClient`], the event stream as [`WatchItem`]s.
@@ -30,7 +30,7 @@
 //! - [`wait`]: [`Client::wait_for_job`], waiting for job states.
 //! - [`names`]: lowercase names of states, modes and policies, QEMU event
 //!   names.
-//! - [`json`]: the JSON forms of jobs, volumes and events.
+//! - [`json`]: the JSON forms of jobs, volumes, exports and events.
 //! - [`size`]: [`parse_size`] and [`format_size`] (`64K`, `1.5 GiB`).
 //! - [`error`]: the error type, [`ClientError`].
 #![forbid(unsafe_code)]

@@ -1,8 +1,10 @@
-//! [`VolumeClient`]: typed calls of `blockmirror.v1.VolumeService`.
+//! [`VolumeClient`]: typed calls of `blockmirror.v1.VolumeService`:
+//! volumes, their write limits, and their NBD exports.
 
 use blockmirror_proto::v1::{
-    AttachVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest, GetVolumeRequest, IoLimits,
-    ListVolumesRequest, SetVolumeLimitsRequest, Volume, volume_service_client::VolumeServiceClient,
+    AddExportRequest, AttachVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest, Export,
+    GetVolumeRequest, IoLimits, ListExportsRequest, ListVolumesRequest, RemoveExportRequest,
+    SetVolumeLimitsRequest, Volume, volume_service_client::VolumeServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -68,6 +70,26 @@ impl VolumeClient {
             name: name.to_owned(),
             path: path.to_owned(),
             direct_io,
+            uri: String::new(),
+        };
+        Ok(self.inner.clone().attach_volume(req).await?.into_inner())
+    }
+
+    /// Registers a remote NBD export as volume `name`: `uri` is
+    /// `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` (the
+    /// socket path as the server sees it). The server checks the URI and
+    /// connects to it.
+    ///
+    /// # Errors
+    ///
+    /// The server's status, e.g. `INVALID_ARGUMENT` for a malformed or
+    /// unsupported URI.
+    pub async fn attach_uri(&self, name: &str, uri: &str) -> Result<Volume, ClientError> {
+        let req = AttachVolumeRequest {
+            name: name.to_owned(),
+            path: String::new(),
+            direct_io: false,
+            uri: uri.to_owned(),
         };
         Ok(self.inner.clone().attach_volume(req).await?.into_inner())
     }
@@ -153,5 +175,59 @@ impl VolumeClient {
             write_iops: update.write_iops.unwrap_or(current.write_iops),
         };
         self.set_limits(name, limits).await
+    }
+
+    /// Exports `volume` over NBD as `name` (`None`: the volume's name),
+    /// read-only if `read_only`. Idempotent: the same volume, name and
+    /// `read_only` again return the existing export.
+    ///
+    /// Clients reach it through the server's NBD listener:
+    /// `nbd+unix:///NAME?socket=STATE_DIR/nbd.sock` by default.
+    ///
+    /// # Errors
+    ///
+    /// The server's status, e.g. `NOT_FOUND` for an unknown volume or
+    /// `ALREADY_EXISTS` if the name is taken by a different export (another
+    /// volume, or the other `read_only`).
+    pub async fn add_export(
+        &self,
+        volume: &str,
+        name: Option<&str>,
+        read_only: bool,
+    ) -> Result<Export, ClientError> {
+        let req = AddExportRequest {
+            volume: volume.to_owned(),
+            name: name.unwrap_or_default().to_owned(),
+            read_only,
+        };
+        Ok(self.inner.clone().add_export(req).await?.into_inner())
+    }
+
+    /// All NBD exports.
+    ///
+    /// # Errors
+    ///
+    /// The server's status.
+    pub async fn list_exports(&self) -> Result<Vec<Export>, ClientError> {
+        let resp = self
+            .inner
+            .clone()
+            .list_exports(ListExportsRequest {})
+            .await?;
+        Ok(resp.into_inner().exports)
+    }
+
+    /// Removes an NBD export: new connections are refused, open ones finish
+    /// the requests they have in flight.
+    ///
+    /// # Errors
+    ///
+    /// The server's status, e.g. `NOT_FOUND`.
+    pub async fn remove_export(&self, name: &str) -> Result<(), ClientError> {
+        let req = RemoveExportRequest {
+            name: name.to_owned(),
+        };
+        self.inner.clone().remove_export(req).await?;
+        Ok(())
     }
 }

@@ -470,6 +470,12 @@ impl Engine {
         let (target_volume, target_backend, device) = match &spec.target {
             TargetSpec::Volume(name) => {
                 let t = self.volume(name)?;
+                if let Some(e) = lock(&self.exports).values().find(|e| e.volume == *name) {
+                    return Err(EngineError::precondition(format!(
+                        "target volume {name:?} is exported as {:?}; remove the export first (the copy would overwrite what its clients see)",
+                        e.name
+                    )));
+                }
                 if t.size() != size {
                     return Err(EngineError::invalid(format!(
                         "target volume {name:?} has {} bytes; the source has {size}",
@@ -518,7 +524,12 @@ impl Engine {
             spec.copy_mode == CopyMode::WriteBlocking,
         ));
         let (store, volumes) = (Arc::clone(&self.store), Arc::clone(&self.volumes));
-        let persist: PersistFn = Arc::new(move || save_volumes(&store, &volumes));
+        let persist: PersistFn = Arc::new(move |absorbed: Option<&str>| {
+            if let Some(name) = absorbed {
+                lock(&volumes).remove(name);
+            }
+            save_volumes(&store, &volumes)
+        });
         let job = Job::new(JobParts {
             id: id.to_owned(),
             spec,

@@ -67,10 +67,14 @@ impl EngineError {
 
     /// An I/O failure while doing `what`.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        let kind = if source.kind() == std::io::ErrorKind::NotFound {
-            ErrorKind::NotFound
-        } else {
-            ErrorKind::Io
+        let kind = match source.kind() {
+            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            // The caller named something unusable (a directory, a
+            // character device): the request was wrong, not the disk.
+            std::io::ErrorKind::IsADirectory | std::io::ErrorKind::InvalidInput => {
+                ErrorKind::InvalidArgument
+            }
+            _ => ErrorKind::Io,
         };
         Self {
             kind,

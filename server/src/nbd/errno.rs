@@ -14,7 +14,7 @@ pub fn errno(e: &EngineError, writes: bool) -> u32 {
         ErrorKind::ResourceExhausted => ENOSPC,
         ErrorKind::Unavailable => ESHUTDOWN,
         ErrorKind::Io => match e.raw_os_error() {
-            Some(libc_enospc) if libc_enospc == 28 => ENOSPC,
+            Some(28) => ENOSPC,
             _ => EIO,
         },
     }

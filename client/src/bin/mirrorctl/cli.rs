@@ -23,9 +23,20 @@ const TARGET_HELP: &str = "\
 TARGET is passed to blockmirrord as given:
   volume:NAME                      a volume blockmirrord already has
   file:PATH                        a raw file or block device (path as the server sees it)
-  nbd://HOST:PORT/EXPORT           a remote NBD export
-  nbd+unix:///EXPORT?socket=PATH   a remote NBD export on a unix socket
-The server answers INVALID_ARGUMENT for forms it does not support.";
+  nbd://HOST[:PORT]/EXPORT         a remote NBD export over TCP (default port 10809)
+  nbd+unix:///EXPORT?socket=PATH   a remote NBD export on a unix socket (path as the server sees it)
+The server decides which forms it supports and answers INVALID_ARGUMENT for the others.";
+
+const NBD_URI_HELP: &str = "\
+NBD_URI names a remote NBD export; blockmirrord connects to it:
+  nbd://HOST[:PORT]/EXPORT         over TCP (default port 10809)
+  nbd+unix:///EXPORT?socket=PATH   on a unix socket (path as the server sees it)";
+
+const EXPORT_HELP: &str = "\
+NBD clients (qemu-nbd, nbd-client, qemu-img, nbdcopy) connect to an export with
+  nbd+unix:///EXPORT?socket=STATE_DIR/nbd.sock
+by default, or at the server's --nbd-listen address: nbd+unix:///EXPORT?socket=PATH
+for unix:PATH, nbd://HOST:PORT/EXPORT for tcp:HOST:PORT.";
 
 /// Control blockmirrord: volumes, live mirror jobs, their events, and guest
 /// I/O through the engine.
@@ -106,6 +117,9 @@ pub(crate) enum Command {
     /// Manage volumes, the block devices blockmirrord owns.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Export volumes over NBD, so guests and tools can use them.
+    #[command(subcommand, after_help = EXPORT_HELP)]
+    Export(ExportCmd),
     /// Start mirror jobs.
     #[command(subcommand)]
     Mirror(MirrorCmd),
@@ -136,7 +150,9 @@ pub(crate) enum VolumeCmd {
         #[arg(long, value_name = "FILE")]
         path: Option<PathBuf>,
     },
-    /// Register an existing raw file or block device as a volume.
+    /// Register an existing raw file or block device, or a remote NBD
+    /// export, as a volume.
+    #[command(after_help = NBD_URI_HELP)]
     Attach {
         /// Name of the volume.
         name: String,
@@ -150,10 +166,12 @@ pub(crate) enum VolumeCmd {
         )]
         path: Option<PathBuf>,
         /// Open it with O_DIRECT (needs a filesystem that supports it; not
-        /// tmpfs).
-        #[arg(long)]
+        /// tmpfs). Only with --path.
+        #[arg(long, conflicts_with = "uri")]
         direct: bool,
-        /// A remote NBD export (nbd://HOST:PORT/EXPORT). Not supported yet.
+        /// A remote NBD export instead of a file (passed to the server as
+        /// given): nbd://HOST[:PORT]/EXPORT or
+        /// nbd+unix:///EXPORT?socket=PATH.
         #[arg(long, value_name = "NBD_URI")]
         uri: Option<String>,
     },
@@ -188,6 +206,33 @@ pub(crate) enum VolumeCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub(crate) enum ExportCmd {
+    /// Export a volume over NBD and print the export. Idempotent: the same
+    /// volume, name and --read-only again return the existing export.
+    #[command(after_help = EXPORT_HELP)]
+    Add {
+        /// The volume to export.
+        volume: String,
+        /// Export name clients ask for; default: the volume's name.
+        #[arg(long, value_name = "EXPORT")]
+        name: Option<String>,
+        /// Refuse writes, trims and write-zeroes from NBD clients.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List NBD exports.
+    #[command(after_help = EXPORT_HELP)]
+    List,
+    /// Remove an NBD export: new connections are refused; open ones finish
+    /// the requests they have in flight.
+    Remove {
+        /// Export name.
+        #[arg(value_name = "EXPORT")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub(crate) enum MirrorCmd {
     /// Start mirroring a volume to a target while guests keep using it, and
     /// print the job. Idempotent: the same --job with the same options
@@ -202,7 +247,8 @@ pub(crate) struct StartArgs {
     #[arg(value_name = "SOURCE_VOLUME")]
     pub(crate) source: String,
     /// Where to copy it (TARGET: volume:NAME, file:PATH,
-    /// nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH).
+    /// nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH); the
+    /// server decides which forms it supports.
     #[arg(long, value_name = "TARGET")]
     pub(crate) target: String,
     /// Job id; default: mirror-SOURCE-UNIXMILLIS.
@@ -667,15 +713,27 @@ mod tests {
                 ..
             })
         ));
-        let cli = ok(&["volume", "attach", "v2", "--uri", "nbd://h:10809/x"]);
-        assert!(matches!(
-            cli.command,
-            Command::Volume(VolumeCmd::Attach {
+        for uri in [
+            "nbd://h:10809/x",
+            "nbd://h/x",
+            "nbd+unix:///x?socket=/run/nbd.sock",
+        ] {
+            let cli = ok(&["volume", "attach", "v2", "--uri", uri]);
+            let Command::Volume(VolumeCmd::Attach {
+                name,
                 path: None,
-                uri: Some(_),
-                ..
-            })
-        ));
+                direct: false,
+                uri: Some(got),
+            }) = cli.command
+            else {
+                panic!("{:?}", cli.command)
+            };
+            assert_eq!((name.as_str(), got.as_str()), ("v2", uri));
+        }
+        assert_eq!(
+            err(&["volume", "attach", "v2", "--uri", "nbd://h/x", "--direct"]).kind(),
+            ErrorKind::ArgumentConflict
+        );
         assert_eq!(
             err(&["volume", "attach", "v2"]).kind(),
             ErrorKind::MissingRequiredArgument
@@ -718,6 +776,75 @@ mod tests {
         assert_eq!(
             err(&["volume", "set-limits", "v1"]).kind(),
             ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn export_commands() {
+        let cli = ok(&["export", "add", "v1"]);
+        let Command::Export(ExportCmd::Add {
+            volume,
+            name,
+            read_only,
+        }) = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!((volume.as_str(), name, read_only), ("v1", None, false));
+
+        let cli = ok(&[
+            "export",
+            "add",
+            "v1",
+            "--name",
+            "disk0",
+            "--read-only",
+            "-o",
+            "json",
+        ]);
+        let Command::Export(ExportCmd::Add {
+            volume,
+            name,
+            read_only,
+        }) = cli.command
+        else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(
+            (volume.as_str(), name.as_deref(), read_only),
+            ("v1", Some("disk0"), true)
+        );
+        assert_eq!(cli.output, OutputFormat::Json);
+
+        assert!(matches!(
+            ok(&["export", "list"]).command,
+            Command::Export(ExportCmd::List)
+        ));
+        let cli = ok(&["export", "remove", "disk0"]);
+        let Command::Export(ExportCmd::Remove { name }) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(name, "disk0");
+
+        assert_eq!(
+            err(&["export", "add"]).kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            err(&["export", "add", "v1", "--name"]).kind(),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            err(&["export", "remove"]).kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            err(&["export", "list", "x"]).kind(),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(
+            err(&["export", "frobnicate"]).kind(),
+            ErrorKind::InvalidSubcommand
         );
     }
 
@@ -1072,9 +1199,45 @@ mod tests {
             .and_then(|m| m.find_subcommand_mut("start"))
             .expect("mirror start exists");
         let help = start.render_long_help().to_string();
+        assert!(help.contains("nbd://HOST[:PORT]/EXPORT"), "{help}");
         assert!(help.contains("nbd+unix:///EXPORT?socket=PATH"), "{help}");
         assert!(help.contains("binary suffix"), "{help}");
         assert_eq!(err(&["--help"]).kind(), ErrorKind::DisplayHelp);
+    }
+
+    /// The long help of `mirrorctl ARGS...` (a subcommand path).
+    fn long_help(path: &[&str]) -> String {
+        let mut cmd = Cli::command();
+        let mut sub = &mut cmd;
+        for name in path {
+            sub = sub
+                .find_subcommand_mut(name)
+                .unwrap_or_else(|| panic!("no subcommand {name}"));
+        }
+        sub.render_long_help().to_string()
+    }
+
+    #[test]
+    fn help_explains_nbd_uris_and_exports() {
+        let attach = long_help(&["volume", "attach"]);
+        assert!(attach.contains("nbd://HOST[:PORT]/EXPORT"), "{attach}");
+        assert!(
+            attach.contains("nbd+unix:///EXPORT?socket=PATH"),
+            "{attach}"
+        );
+        assert!(!attach.contains("not supported"), "{attach}");
+        for path in [
+            &["export"][..],
+            &["export", "add"][..],
+            &["export", "list"][..],
+        ] {
+            let help = long_help(path);
+            assert!(
+                help.contains("nbd+unix:///EXPORT?socket=STATE_DIR/nbd.sock"),
+                "{path:?}: {help}"
+            );
+            assert!(help.contains("--nbd-listen"), "{path:?}: {help}");
+        }
     }
 
     #[test]

@@ -33,8 +33,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::cli::{
-    Cli, Command, DEFAULT_SOCKET, DataCmd, JobCmd, MirrorCmd, StartArgs, VolumeCmd, WaitArg,
-    WatchArgs,
+    Cli, Command, DEFAULT_SOCKET, DataCmd, ExportCmd, JobCmd, MirrorCmd, StartArgs, VolumeCmd,
+    WaitArg, WatchArgs,
 };
 use crate::output::Printer;
 use crate::progress::Progress;
@@ -156,10 +156,6 @@ fn connect_hint(e: &ClientError) -> Option<String> {
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
-    // Usage errors that clap cannot express, before touching the network.
-    if let Command::Volume(VolumeCmd::Attach { uri: Some(_), .. }) = &cli.command {
-        return Err(UsageError("attaching NBD URIs is not supported yet".to_owned()).into());
-    }
     let endpoint = match &cli.endpoint {
         Some(url) => Endpoint::parse(url)?,
         None => Endpoint::Unix(cli.socket.clone()),
@@ -168,6 +164,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let p = Printer { format: cli.output };
     match &cli.command {
         Command::Volume(cmd) => volume(&client, p, cmd).await,
+        Command::Export(cmd) => export(&client, p, cmd).await,
         Command::Mirror(MirrorCmd::Start(args)) => mirror_start(&client, p, args).await,
         Command::Job(cmd) => job(&client, p, cmd).await,
         Command::Watch(args) => watch(&client, p, args).await,
@@ -193,13 +190,23 @@ async fn volume(client: &Client, p: Printer, cmd: &VolumeCmd) -> anyhow::Result<
             p.volume(&volumes.create(name, *size, path.as_deref()).await?)?;
         }
         VolumeCmd::Attach {
-            name, path, direct, ..
+            name,
+            path,
+            direct,
+            uri,
         } => {
-            let path = path
-                .as_deref()
-                .ok_or_else(|| UsageError("--path is required".to_owned()))?;
-            let path = server_path(path)?;
-            p.volume(&volumes.attach(name, &path, *direct).await?)?;
+            // clap requires exactly one of --path and --uri.
+            let volume = match (path, uri) {
+                (Some(path), None) => {
+                    let path = server_path(path)?;
+                    volumes.attach(name, &path, *direct).await?
+                }
+                (None, Some(uri)) => volumes.attach_uri(name, uri).await?,
+                _ => {
+                    return Err(UsageError("give one of --path and --uri".to_owned()).into());
+                }
+            };
+            p.volume(&volume)?;
         }
         VolumeCmd::List => p.volumes(&volumes.list().await?)?,
         VolumeCmd::Show { name } => p.volume(&volumes.get(name).await?)?,
@@ -220,6 +227,31 @@ async fn volume(client: &Client, p: Printer, cmd: &VolumeCmd) -> anyhow::Result<
                 write_iops: *write_iops,
             };
             p.volume(&volumes.update_limits(name, update).await?)?;
+        }
+    }
+    Ok(())
+}
+
+async fn export(client: &Client, p: Printer, cmd: &ExportCmd) -> anyhow::Result<()> {
+    let volumes = client.volumes();
+    match cmd {
+        ExportCmd::Add {
+            volume,
+            name,
+            read_only,
+        } => {
+            let export = volumes
+                .add_export(volume, name.as_deref(), *read_only)
+                .await?;
+            p.export(&export)?;
+        }
+        ExportCmd::List => p.exports(&volumes.list_exports().await?)?,
+        ExportCmd::Remove { name } => {
+            volumes.remove_export(name).await?;
+            p.done(
+                &format!("removed export {name}"),
+                &json!({ "name": name, "removed": true }),
+            )?;
         }
     }
     Ok(())

@@ -5,11 +5,11 @@
 
 use std::io::{self, Write};
 
-use blockmirror_client::json::{job_json, volume_json, watch_item_json};
+use blockmirror_client::json::{export_json, job_json, volume_json, watch_item_json};
 use blockmirror_client::names::{
     copy_mode_name, error_policy_name, event_type_name, job_state_name, sync_mode_name,
 };
-use blockmirror_client::proto::{Event, EventType, Job, Volume};
+use blockmirror_client::proto::{Event, EventType, Export, Job, Volume};
 use blockmirror_client::{WatchItem, format_rate, format_size};
 use serde_json::Value;
 
@@ -48,6 +48,22 @@ impl Printer {
             OutputFormat::Table => out(&volumes_table(volumes)),
             OutputFormat::Json => {
                 json_line(&Value::Array(volumes.iter().map(volume_json).collect()))
+            }
+        }
+    }
+
+    pub(crate) fn export(self, export: &Export) -> io::Result<()> {
+        match self.format {
+            OutputFormat::Table => out(&export_details(export)),
+            OutputFormat::Json => json_line(&export_json(export)),
+        }
+    }
+
+    pub(crate) fn exports(self, exports: &[Export]) -> io::Result<()> {
+        match self.format {
+            OutputFormat::Table => out(&exports_table(exports)),
+            OutputFormat::Json => {
+                json_line(&Value::Array(exports.iter().map(export_json).collect()))
             }
         }
     }
@@ -317,6 +333,28 @@ pub(crate) fn volumes_table(volumes: &[Volume]) -> String {
     )
 }
 
+pub(crate) fn export_details(e: &Export) -> String {
+    details(&[
+        ("name", e.name.clone()),
+        ("volume", e.volume.clone()),
+        ("read_only", e.read_only.to_string()),
+    ])
+}
+
+pub(crate) fn exports_table(exports: &[Export]) -> String {
+    let rows: Vec<Vec<String>> = exports
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                e.volume.clone(),
+                if e.read_only { "yes" } else { "no" }.to_owned(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "VOLUME", "READ-ONLY"], &rows)
+}
+
 /// One human line for a watch item; `None` for heartbeats.
 pub(crate) fn watch_item_line(item: &WatchItem) -> Option<String> {
     match item {
@@ -519,6 +557,33 @@ mod tests {
             "{d}"
         );
         assert!(d.lines().any(|l| l == "write_iops: unlimited"), "{d}");
+    }
+
+    #[test]
+    fn export_list_and_details() {
+        let exports = [
+            Export {
+                name: "disk0".into(),
+                volume: "v1".into(),
+                read_only: true,
+            },
+            Export {
+                name: "v2".into(),
+                volume: "v2".into(),
+                read_only: false,
+            },
+        ];
+        assert_eq!(
+            exports_table(&exports),
+            "NAME   VOLUME  READ-ONLY\n\
+             disk0  v1      yes\n\
+             v2     v2      no\n"
+        );
+        assert_eq!(exports_table(&[]), "NAME  VOLUME  READ-ONLY\n");
+        assert_eq!(
+            export_details(&exports[0]),
+            "name:      disk0\nvolume:    v1\nread_only: true\n"
+        );
     }
 
     #[test]

@@ -124,8 +124,9 @@ pub struct Job {
     persist_volumes: PersistFn,
 }
 
-/// Saves the engine's volume definitions.
-pub(crate) type PersistFn = Arc<dyn Fn() -> Result<()> + Send + Sync>;
+/// Saves the engine's volume definitions after a pivot, first forgetting
+/// the named target volume (its file now backs the source volume).
+pub(crate) type PersistFn = Arc<dyn Fn(Option<&str>) -> Result<()> + Send + Sync>;
 
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

@@ -146,6 +146,13 @@ impl Job {
                     });
                 }
             }
+            if status == JobStatus::Aborting && !ops.is_empty() {
+                // Abandoned copies need not finish (a copy may be waiting
+                // on a slow target's limit): the target is given up anyway.
+                ops.abort_all();
+                while ops.join_next().await.is_some() {}
+                cursor.claimed.clear();
+            }
             if self.advance(ops.is_empty()).await {
                 return;
             }
@@ -294,7 +301,11 @@ impl Job {
         }
         if pivot {
             self.source.set_backend(Arc::clone(&self.target_backend));
-            if let Err(e) = (self.persist_volumes)() {
+            // The target volume's file now backs the source volume: the
+            // target's own definition goes, so no second volume (and no
+            // second writer) points at the same file.
+            let absorbed = self.target_volume.as_ref().map(|t| t.name().to_owned());
+            if let Err(e) = (self.persist_volumes)(absorbed.as_deref()) {
                 // The volume file on disk still names the old source; the
                 // switch stays in memory and is retried at the next save.
                 tracing::error!(job_id = %self.id, error = %e.chain(), "saving volume definitions after pivot");
@@ -307,8 +318,8 @@ impl Job {
         {
             let mut s = self.lock();
             s.pivoted = pivot;
-            self.transition(&mut s, JobStatus::Concluded);
             let progress = self.progress(&s);
+            // QEMU's order: the completion event, then the state change.
             self.emit(
                 &mut s,
                 EventKind::Completed {
@@ -318,6 +329,7 @@ impl Job {
                     progress,
                 },
             );
+            self.transition(&mut s, JobStatus::Concluded);
         }
         self.save();
         tracing::info!(job_id = %self.id, pivot, pause_us = pause.as_micros(), "job completed");
@@ -331,7 +343,6 @@ impl Job {
         drop(gate);
         self.release_volumes();
         let mut s = self.lock();
-        self.transition(&mut s, JobStatus::Concluded);
         let progress = self.progress(&s);
         let kind = match s.error.clone() {
             Some(error) => EventKind::Completed {
@@ -343,6 +354,7 @@ impl Job {
             None => EventKind::Cancelled(progress),
         };
         self.emit(&mut s, kind);
+        self.transition(&mut s, JobStatus::Concluded);
         drop(s);
         self.save();
     }
