@@ -29,7 +29,7 @@
 //! permit, never before (see `limits.rs`), so permits and locks cannot wait
 //! on each other in a cycle.
 
-use crate::backend::Allocation;
+use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
 use crate::error::{EngineError, Result};
@@ -149,6 +149,9 @@ pub struct ActiveMirror {
     /// Errors from guest writes for the job's policy; bounded by the number
     /// of guest writes in flight, drained by the job at every wake.
     errors: Mutex<VecDeque<MirrorIoError>>,
+    /// Reused copy buffers, so the copier does not allocate (and zero) a
+    /// fresh buffer per operation.
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 impl ActiveMirror {
@@ -173,6 +176,7 @@ impl ActiveMirror {
             wake: Notify::new(),
             counters: MirrorCounters::default(),
             errors: Mutex::new(VecDeque::new()),
+            buffers: Mutex::new(Vec::new()),
         }
     }
 
@@ -438,39 +442,77 @@ impl ActiveMirror {
         }
     }
 
+    /// One copy, in one trip to the blocking pool: classify, read into a
+    /// reused buffer, write (or zero) the target. The target's limit was
+    /// paid before the range lock was taken.
     async fn copy_locked(&self, source: &Device, off: u64, len: u64) -> Result<(), MirrorIoError> {
-        let target = self.target.prepaid();
-        let src_err = |operation, error| MirrorIoError {
-            side: Side::Source,
-            operation,
-            error,
-        };
-        let tgt_err = |error| MirrorIoError {
-            side: Side::Target,
-            operation: "write",
-            error,
-        };
-        let hole = matches!(
-            source.allocation(off, len).await,
-            Ok(Allocation::Hole { end }) if end >= off + len
-        );
-        if hole {
-            return target
-                .write_zeroes(off, len, true, false)
-                .await
-                .map_err(tgt_err);
+        let src = Arc::clone(&source.backend);
+        let dst = Arc::clone(&self.target.backend);
+        let mut buf = self
+            .buffers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = copy_blocking(&*src, &*dst, off, len, &mut buf);
+            (r, buf)
+        })
+        .await;
+        match joined {
+            Ok((r, buf)) => {
+                let mut pool = self
+                    .buffers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if pool.len() < COPY_BUFFERS_KEPT {
+                    pool.push(buf);
+                }
+                r
+            }
+            Err(e) => Err(MirrorIoError {
+                side: Side::Source,
+                operation: "read",
+                error: EngineError::io("copying", std::io::Error::other(e.to_string())),
+            }),
         }
-        // len is at most one copy operation (bounded by buf_size <= 1 GiB).
-        let n = usize::try_from(len)
-            .map_err(|_| src_err("read", EngineError::invalid("copy too large")))?;
-        let data = source.read(off, n).await.map_err(|e| src_err("read", e))?;
-        if data.iter().all(|&b| b == 0) {
-            target
-                .write_zeroes(off, len, true, false)
-                .await
-                .map_err(tgt_err)
-        } else {
-            target.write(off, data, false).await.map_err(tgt_err)
-        }
+    }
+}
+
+/// Copy buffers kept for reuse (one per concurrent copy operation).
+const COPY_BUFFERS_KEPT: usize = 16;
+
+/// The blocking body of a copy: holes and all-zero data become
+/// write-zeroes on the target, everything else a plain write.
+fn copy_blocking(
+    src: &dyn BlockBackend,
+    dst: &dyn BlockBackend,
+    off: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), MirrorIoError> {
+    let src_err = |error| MirrorIoError {
+        side: Side::Source,
+        operation: "read",
+        error: EngineError::io("reading the source", error),
+    };
+    let tgt_err = |error| MirrorIoError {
+        side: Side::Target,
+        operation: "write",
+        error: EngineError::io("writing the target", error),
+    };
+    if matches!(src.allocation(off, len), Ok(Allocation::Hole { end }) if end >= off + len) {
+        return dst.write_zeroes(off, len, true).map_err(tgt_err);
+    }
+    // A copy operation is at most 1 MiB (MAX_COPY_OP_BYTES), so it fits usize.
+    let n = usize::try_from(len).map_err(|_| src_err(std::io::Error::other("copy too large")))?;
+    if buf.len() != n {
+        buf.resize(n, 0);
+    }
+    src.read_at(buf, off).map_err(src_err)?;
+    if buf.iter().all(|&b| b == 0) {
+        dst.write_zeroes(off, len, true).map_err(tgt_err)
+    } else {
+        dst.write_at(buf, off).map_err(tgt_err)
     }
 }

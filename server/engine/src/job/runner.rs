@@ -242,6 +242,7 @@ impl Job {
     async fn advance(&self, no_ops: bool) -> bool {
         enum Next {
             Stay,
+            Ready,
             Finalize { pivot: bool },
             Abort,
         }
@@ -249,12 +250,7 @@ impl Job {
         let next = {
             let mut s = self.lock();
             match s.status {
-                JobStatus::Running if idle => {
-                    self.transition(&mut s, JobStatus::Ready);
-                    let p = self.progress(&s);
-                    self.emit(&mut s, EventKind::Ready(p));
-                    Next::Stay
-                }
+                JobStatus::Running if idle => Next::Ready,
                 JobStatus::Waiting if idle => {
                     self.transition(&mut s, JobStatus::Pending);
                     self.emit(&mut s, EventKind::Pending);
@@ -273,6 +269,26 @@ impl Job {
         };
         match next {
             Next::Stay => false,
+            Next::Ready => {
+                // READY promises a usable copy: make it durable first (QEMU
+                // flushes the target before READY too). Guest writes go on
+                // meanwhile; if they dirtied chunks, READY waits.
+                if let Err(error) = self.mirror.target().flush().await {
+                    self.on_io_error(MirrorIoError {
+                        side: super::active::Side::Target,
+                        operation: "flush",
+                        error,
+                    });
+                    return false;
+                }
+                let mut s = self.lock();
+                if s.status == JobStatus::Running && self.mirror.dirty_chunks() == 0 {
+                    self.transition(&mut s, JobStatus::Ready);
+                    let p = self.progress(&s);
+                    self.emit(&mut s, EventKind::Ready(p));
+                }
+                false
+            }
             Next::Finalize { pivot } => self.finalize_now(pivot).await,
             Next::Abort => {
                 self.abort_now().await;
@@ -285,6 +301,16 @@ impl Job {
     /// (for complete) switches the volume to it. False: not in sync after
     /// all (or the flush failed); the runner keeps going.
     async fn finalize_now(&self, pivot: bool) -> bool {
+        // Write the target back before holding guest I/O, so the pause
+        // covers only what guests wrote in the last moments.
+        if let Err(error) = self.mirror.target().flush().await {
+            self.on_io_error(MirrorIoError {
+                side: super::active::Side::Target,
+                operation: "flush",
+                error,
+            });
+            return false;
+        }
         let held_at = Instant::now();
         let gate = self.source.drain().await;
         if self.mirror.dirty_chunks() > 0 {
