@@ -3,7 +3,7 @@
 
 Mirrors an idle volume (default 1 GiB of random bytes, so nothing is sparse
 or zero) to a fresh file, in one run and in one work directory (one
-filesystem), with four contenders:
+filesystem), with five contenders:
 
   dd           dd if=SRC of=DST bs=1M iflag=direct oflag=direct conv=fsync
                (the physical limit of a plain sequential copy)
@@ -11,6 +11,9 @@ filesystem), with four contenders:
                copy-mode=background, both images raw over file with
                cache.direct=on and aio=native, QEMU's default granularity and
                buf-size (the set-up of shared/bench/qemu_mirror_peer.py)
+  qemu-buf     the same with cache.direct=off and aio=threads: QEMU through
+               the page cache, which is the I/O path blockmirror takes as
+               long as its volumes are opened without O_DIRECT
   bm-bg        blockmirrord + `mirrorctl mirror start ... --mode background`
   bm-wb        the same with `--mode write-blocking`
 
@@ -52,12 +55,16 @@ BMD = os.path.join(BIN_DIR, "blockmirrord")
 CTL = os.path.join(BIN_DIR, "mirrorctl")
 MiB = 1 << 20
 GiB = 1 << 30
-CONTENDERS = ("dd", "qemu", "bm-bg", "bm-wb")
+# qemu-buf: QEMU through the page cache (cache.direct=off, aio=threads),
+# the same I/O path blockmirror takes while its volumes are buffered
+CONTENDERS = ("dd", "qemu", "qemu-buf", "bm-bg", "bm-wb")
+ALL_CONTENDERS = CONTENDERS
 LABELS = {
     "dd": "dd bs=1M iflag=direct oflag=direct conv=fsync",
-    "qemu": "QEMU blockdev-mirror (background)",
+    "qemu": "QEMU blockdev-mirror, cache.direct=on aio=native",
     "bm-bg": "blockmirror --mode background",
     "bm-wb": "blockmirror --mode write-blocking",
+    "qemu-buf": "QEMU blockdev-mirror, cache.direct=off aio=threads",
 }
 
 
@@ -318,14 +325,15 @@ class QMP:
         self.sock.close()
 
 
-def qemu_node(node, filename):
-    return {"driver": "raw", "node-name": node, "cache": {"direct": True},
+def qemu_node(node, filename, direct=True):
+    return {"driver": "raw", "node-name": node, "cache": {"direct": direct},
             "file": {"driver": "file", "node-name": node + "-file",
-                     "filename": filename, "aio": "native",
-                     "cache": {"direct": True}}}
+                     "filename": filename,
+                     "aio": "native" if direct else "threads",
+                     "cache": {"direct": direct}}}
 
 
-def run_qemu(ctx, src, dst, size):
+def run_qemu(ctx, src, dst, size, direct=True):
     rm(dst)
     with open(dst, "wb") as f:  # fresh sparse target, like blockmirror's
         f.truncate(size)
@@ -342,8 +350,8 @@ def run_qemu(ctx, src, dst, size):
         qmp = QMP(qmp_path)
         v = qmp.greeting["QMP"]["version"]["qemu"]
         ctx.versions["qemu"] = "{major}.{minor}.{micro}".format(**v)
-        qmp.cmd("blockdev-add", qemu_node("src", src))
-        qmp.cmd("blockdev-add", qemu_node("tgt", dst))
+        qmp.cmd("blockdev-add", qemu_node("src", src, direct))
+        qmp.cmd("blockdev-add", qemu_node("tgt", dst, direct))
         ctx.prepare()
         cpu0 = proc_cpu(proc.pid)
         s0 = ctx.disk.snap()
@@ -357,6 +365,7 @@ def run_qemu(ctx, src, dst, size):
         if ready["event"] != "BLOCK_JOB_READY":
             raise BenchError(f"qemu: job ended before READY: {ready}")
         s1 = ctx.disk.snap()
+        t_req = time.time()
         qmp.cmd("block-job-complete", {"device": "mirror0"})
         done = qmp.wait_event(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"),
                               ctx.timeout)
@@ -372,10 +381,11 @@ def run_qemu(ctx, src, dst, size):
     finally:
         if qmp:
             qmp.close()
-        stop_proc(proc)
+        stop_proc(proc, grace=5)  # after `quit` it exits by itself
         logf.close()
     return {"t_ready_s": ready["_t"] - t0, "t_done_s": done["_t"] - t0,
             "bytes_copied": done["data"].get("offset"),
+            "t_complete_s": done["_t"] - t_req,
             "cpu": cpu_delta(cpu0, cpu1), "peak_rss": mem.get("VmHWM"),
             "threads_at_end": threads,
             "io_ready": io_between(s0, s1), "io_done": io_between(s0, s2)}
@@ -432,6 +442,7 @@ class Watch:
     def job_times(self, job):
         """Server times of the job's first event, READY and COMPLETED."""
         first = ready = done = None
+        self.completed = None
         for ev in self.lines:
             if ev.get("job_id") != job:
                 continue
@@ -444,6 +455,7 @@ class Watch:
                 ready = t
             if kind == "BLOCK_JOB_COMPLETED" and done is None:
                 done = t
+                self.completed = ev
         return first, ready, done
 
 
@@ -503,9 +515,11 @@ def run_blockmirror(ctx, src, dst, mode, tag):
     finally:
         if watch:
             watch.stop()
-        stop_proc(proc, sig=signal.SIGTERM)
+        stop_proc(proc)
         logf.close()
     srv = {}
+    if watch and watch.completed and watch.completed.get("pause_us") is not None:
+        srv["pivot_pause_ms"] = round(watch.completed["pause_us"] / 1000, 1)
     if first is not None and ready is not None:
         srv["server_ready_s"] = round(ready - first, 3)
     if first is not None and done is not None:
@@ -528,8 +542,14 @@ def rm(path):
         pass
 
 
-def stop_proc(proc, sig=None, timeout=20):
-    if proc.poll() is None and sig is not None:
+def stop_proc(proc, sig=signal.SIGTERM, grace=0.0, timeout=20):
+    """Stop a daemon we started: wait `grace` s for it to exit by itself,
+    then send `sig`, then SIGKILL its process group after `timeout` s."""
+    try:
+        proc.wait(timeout=grace) if grace else None
+    except subprocess.TimeoutExpired:
+        pass
+    if proc.poll() is None:
         proc.send_signal(sig)
     try:
         proc.wait(timeout=timeout)
@@ -570,7 +590,7 @@ def fmt(v, nd=0, suffix=""):
 def summarize(runs, size):
     mb = size / 1e6
     out = {}
-    for c in CONTENDERS:
+    for c in ALL_CONTENDERS:
         rs = [r for r in runs if r["contender"] == c]
         if not rs:
             continue
@@ -584,6 +604,8 @@ def summarize(runs, size):
                           if r.get("cpu") else None for r in rs]),
             "peak_rss": med([r.get("peak_rss") for r in rs]),
             "server_ready_s": med([r.get("server_ready_s") for r in rs]),
+            "t_complete_s": med([r.get("t_complete_s") for r in rs]),
+            "pivot_pause_ms": med([r.get("pivot_pause_ms") for r in rs]),
             "dev_write_ready_MiB": med([r.get("io_ready", {}).get(
                 "dev_write_MiB") for r in rs]),
             "dirty_ready_MiB": med([r.get("io_ready", {}).get(
@@ -603,15 +625,19 @@ def markdown(res):
         "MB/s = 10^6 bytes / s. *ready*: job start to READY (dd: the whole "
         "copy). *done*: job start to COMPLETED, with block-job-complete / "
         "`job complete --wait` sent at READY; it includes blockmirror's "
-        "target flush. QEMU flushes its target before READY. Disk and "
+        "target flush. QEMU flushes its target before READY. Pivot pause: "
+        "blockmirror's own `pause_us` (guest I/O held while it finalizes); "
+        "QEMU's is at most its complete→COMPLETED. CPU: the daemon's (dd's) "
+        "user+sys from job start to COMPLETED. Disk and "
         "page-cache columns come from /proc/diskstats and /proc/meminfo "
         "(whole machine), medians.",
         "",
         "| contender | to READY (s) | MB/s (ready) | to COMPLETED (s) | "
-        "MB/s (done) | CPU (s) | peak RSS (MiB) | written to disk by READY "
-        "(MiB) | dirty page cache at READY (MiB) | page cache growth (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in CONTENDERS:
+        "MB/s (done) | complete→COMPLETED (ms) | guest I/O pause at pivot "
+        "(ms) | CPU (s) | peak RSS (MiB) | written to disk by READY (MiB) | "
+        "dirty page cache at READY (MiB) | page cache growth (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in ALL_CONTENDERS:
         if c not in s:
             continue
         x = s[c]
@@ -619,23 +645,26 @@ def markdown(res):
         lines.append(
             f"| {LABELS[c]} | {fmt(x['t_ready_s'], 2)} | "
             f"{fmt(x['MBps_ready'])} | {fmt(x['t_done_s'], 2)} | "
-            f"{fmt(x['MBps_done'])} | {fmt(x['cpu_s'], 2)} | "
+            f"{fmt(x['MBps_done'])} | "
+            f"{fmt(x['t_complete_s'] and x['t_complete_s'] * 1000)} | "
+            f"{fmt(x['pivot_pause_ms'], 1)} | {fmt(x['cpu_s'], 2)} | "
             f"{fmt(rss, 1)} | {fmt(x['dev_write_ready_MiB'])} | "
             f"{fmt(x['dirty_ready_MiB'])} | {fmt(x['cached_growth_MiB'])} |")
     lines += ["", "| ratio | ready | done |", "|---|---|---|"]
     for c in ("bm-bg", "bm-wb"):
-        for ref in ("qemu", "dd"):
+        for ref in ("qemu", "dd", "qemu-buf"):
             if c in s and ref in s:
                 lines.append(
                     f"| {LABELS[c].split(' --mode ')[1]} / {ref} | "
                     f"{s[c]['MBps_ready'] / s[ref]['MBps_ready']:.2f}× | "
                     f"{s[c]['MBps_done'] / s[ref]['MBps_done']:.2f}× |")
+    used = [c for c in ALL_CONTENDERS if c in s]
     lines += ["", "Per run (s to READY / s to COMPLETED):", "",
-              "| rep | " + " | ".join(CONTENDERS) + " |",
-              "|---" * (len(CONTENDERS) + 1) + "|"]
+              "| rep | " + " | ".join(used) + " |",
+              "|---" * (len(used) + 1) + "|"]
     for rep in range(1, res["config"]["repeat"] + 1):
         cells = []
-        for c in CONTENDERS:
+        for c in used:
             r = [x for x in res["runs"]
                  if x["rep"] == rep and x["contender"] == c]
             cells.append(f"{r[0]['t_ready_s']:.2f} / {r[0]['t_done_s']:.2f}"
@@ -647,7 +676,9 @@ def markdown(res):
               f"{'yes, all equal' if res['verified'] else 'no'}; "
               f"blockmirror volume I/O: "
               f"{'O_DIRECT' if res['config']['bm_direct'] else 'buffered'}; "
-              f"{res['host']['cpus']} CPUs; {res['date']}."]
+              f"{res['host']['cpus']} CPUs; load average (1/5/15 min) "
+              f"{res.get('loadavg_start')} at start, {res.get('loadavg_end')} "
+              f"at end; {res['date']}."]
     return "\n".join(lines)
 
 
@@ -679,7 +710,8 @@ def main():
     ap.add_argument("--md", default=None, help="also write markdown here")
     ap.add_argument("--json", default=None, help="write all data here")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
-                    help=f"subset of {','.join(CONTENDERS)}")
+                    help=f"comma list from {','.join(ALL_CONTENDERS)} "
+                         f"(default {','.join(CONTENDERS)})")
     ap.add_argument("--bm-direct", action="store_true",
                     help="attach the source with `--direct` (O_DIRECT), "
                          "if the server supports it")
@@ -691,7 +723,7 @@ def main():
         ap.error("--size must be a positive multiple of 1M")
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     for c in contenders:
-        if c not in CONTENDERS:
+        if c not in ALL_CONTENDERS:
             ap.error(f"unknown contender {c}")
 
     missing = [b for b in (BMD, CTL) if not os.access(b, os.X_OK)]
@@ -700,8 +732,8 @@ def main():
               f"build them first:\n  (cd {ROOT} && cargo build --release "
               "--bins)", file=sys.stderr)
         return 2
-    tools = ["dd", "cmp"] + (["qemu-storage-daemon"] if "qemu" in contenders
-                             else [])
+    tools = ["dd", "cmp"] + (["qemu-storage-daemon"] if any(
+        c.startswith("qemu") for c in contenders) else [])
     absent = [t for t in tools if not shutil.which(t)]
     if absent:
         print(f"missing tools: {', '.join(absent)}", file=sys.stderr)
@@ -727,7 +759,8 @@ def main():
                    "contenders": contenders, "bm_direct": args.bm_direct,
                    "workdir": rundir},
         "runs": []}
-    log(f"work dir {rundir}")
+    results["loadavg_start"] = loadavg()
+    log(f"work dir {rundir}; load average {results['loadavg_start']}")
     ok = False
     try:
         make_source(src, size)
@@ -741,6 +774,8 @@ def main():
                     r = run_dd(ctx, src, dst)
                 elif c == "qemu":
                     r = run_qemu(ctx, src, dst, size)
+                elif c == "qemu-buf":
+                    r = run_qemu(ctx, src, dst, size, direct=False)
                 else:
                     mode = "background" if c == "bm-bg" else "write-blocking"
                     r = run_blockmirror(ctx, src, dst, mode, f"{c}-{rep}")
@@ -748,11 +783,11 @@ def main():
                 r["dst_allocated"] = allocated_bytes(dst)
                 r.update(contender=c, rep=rep)
                 results["runs"].append(r)
-                log(f"rep {rep} {c:6s} ready {r['t_ready_s']:6.2f}s "
+                log(f"rep {rep} {c:8s} ready {r['t_ready_s']:6.2f}s "
                     f"({size / 1e6 / r['t_ready_s']:5.0f} MB/s)  done "
                     f"{r['t_done_s']:6.2f}s "
                     f"({size / 1e6 / r['t_done_s']:5.0f} MB/s)  "
-                    f"rss {fmt((r.get('peak_rss') or 0) / MiB, 1)} MiB  "
+                    f"rss {fmt(r['peak_rss'] and r['peak_rss'] / MiB, 1)} MiB  "
                     f"cpu {r.get('cpu')}  cmp ok")
                 rm(dst)
         ok = True
@@ -767,9 +802,15 @@ def main():
     finally:
         if ok and not args.keep:
             shutil.rmtree(rundir, ignore_errors=True)
+    results["loadavg_end"] = loadavg()
     results["caches_dropped"] = bool(ctx.caches_dropped)
     results["verified"] = True
-    results["versions"] = dict(ctx.versions, blockmirrord=version(BMD))
+    results["versions"] = dict(ctx.versions, blockmirrord=version(BMD),
+                               git_head_at_bench=git_state(),
+                               source_newer_than_binaries=stale,
+                               binaries_built=datetime.datetime.fromtimestamp(
+                                   os.path.getmtime(BMD)).isoformat(
+                                       timespec="seconds"))
     results["summary"] = summarize(results["runs"], size)
     md = markdown(results)
     results["markdown"] = md
@@ -783,6 +824,14 @@ def main():
     return 0
 
 
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None
+
+
 def proc_meminfo(key):
     try:
         with open("/proc/meminfo") as f:
@@ -792,6 +841,21 @@ def proc_meminfo(key):
     except OSError:
         pass
     return None
+
+
+def git_state():
+    """HEAD and whether the work tree had changes (when the bench ran)."""
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short",
+                               "HEAD"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True).stdout
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain",
+                                "--untracked-files=no"],
+                               stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True).stdout
+    except OSError:
+        return None
+    return head.strip() + (" (modified)" if dirty.strip() else "")
 
 
 def version(binary):
