@@ -25,17 +25,43 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
-/// Path of a workspace binary built next to this test executable.
+/// Path of a workspace binary (`blockmirrord`, `mirrorctl`) built next to
+/// this test executable. `cargo test` builds only test harnesses of other
+/// packages, not their binaries, so the first call builds them (a no-op when
+/// they are fresh) with the same cargo and profile.
 pub fn binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/..");
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "blockmirror-server",
+            "-p",
+            "blockmirror-client",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the binaries");
+        assert!(
+            status.success(),
+            "building blockmirrord and mirrorctl failed"
+        );
+    });
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` so it is built",
+        "{} is missing after building it",
         path.display()
     );
     path

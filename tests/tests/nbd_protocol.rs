@@ -4,6 +4,9 @@
 //! pipelined requests. Each gets the right error reply or a clean close of
 //! its own connection, and other clients go on being served.
 
+// Test sizes and names are tiny; casts between integer widths cannot truncate here.
+#![allow(clippy::cast_possible_truncation)]
+
 use blockmirror_nbd::consts::*;
 use blockmirror_nbd::option::{self, encode_go, encode_option};
 use blockmirror_nbd::reply::{ReplyHeader, header_rest_len, parse_header};

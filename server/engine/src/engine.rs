@@ -1,7 +1,7 @@
 //! The engine: the registry of volumes and jobs, their persistence, and the
 //! entry points the front ends (gRPC, NBD) call.
 
-use crate::backend::{BlockBackend, FileBackend};
+use crate::backend::{BlockBackend, FileBackend, NbdBackend, NbdUri};
 use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::events::EventLog;
@@ -91,7 +91,28 @@ fn save_volumes(store: &Store, volumes: &Mutex<BTreeMap<String, Arc<Volume>>>) -
     store.save_volumes(&records)
 }
 
+/// Connects to an NBD export on the blocking pool (the handshake blocks).
+async fn connect_nbd(uri: &str) -> Result<Arc<dyn BlockBackend>> {
+    let parsed = NbdUri::parse(uri)?;
+    match tokio::task::spawn_blocking(move || NbdBackend::connect(&parsed)).await {
+        Ok(r) => r.map(|b| Arc::new(b) as Arc<dyn BlockBackend>),
+        Err(e) => Err(EngineError::io(
+            "connecting to NBD",
+            std::io::Error::other(e.to_string()),
+        )),
+    }
+}
+
+/// True for paths that are NBD URIs (volume records keep them as paths).
+fn is_nbd_uri(path: &str) -> bool {
+    path.starts_with("nbd://") || path.starts_with("nbd+unix://")
+}
+
 fn open_file(path: &Path) -> Result<Arc<dyn BlockBackend>> {
+    if let Some(uri) = path.to_str().filter(|p| is_nbd_uri(p)) {
+        let parsed = NbdUri::parse(uri)?;
+        return NbdBackend::connect(&parsed).map(|b| Arc::new(b) as Arc<dyn BlockBackend>);
+    }
     let b = FileBackend::open(path)
         .map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
     Ok(Arc::new(b))
@@ -282,6 +303,27 @@ impl Engine {
         self.insert_volume(name, backend)
     }
 
+    /// Registers a remote NBD export as a volume.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (name, URI), `AlreadyExists`, `NotFound` (no such
+    /// export), `Io` (unreachable server).
+    pub async fn attach_nbd_volume(&self, name: &str, uri: &str) -> Result<VolumeInfo> {
+        self.check_open()?;
+        validate_name("volume name", name)?;
+        if let Ok(v) = self.volume(name) {
+            if v.path() == uri {
+                return Ok(volume_info(&v));
+            }
+            return Err(EngineError::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {name:?} already exists"),
+            ));
+        }
+        let backend = connect_nbd(uri).await?;
+        self.insert_volume(name, backend)
+    }
+
     /// A volume's description.
     ///
     /// # Errors
@@ -450,7 +492,7 @@ impl Engine {
     /// # Errors
     /// `InvalidArgument` (spec), `AlreadyExists` (id with another spec),
     /// `NotFound` (volume), `FailedPrecondition` (volume in use).
-    pub fn start_mirror(&self, id: &str, spec: MirrorSpec) -> Result<JobInfo> {
+    pub async fn start_mirror(&self, id: &str, spec: MirrorSpec) -> Result<JobInfo> {
         self.check_open()?;
         validate_name("job id", id)?;
         spec.validate()?;
@@ -506,6 +548,16 @@ impl Engine {
                 };
                 (None, Arc::clone(&backend), Device::unthrottled(backend))
             }
+            TargetSpec::Nbd(uri) => {
+                let backend = connect_nbd(uri).await?;
+                if backend.size() != size {
+                    return Err(EngineError::invalid(format!(
+                        "target {uri} has {} bytes; the source has {size}",
+                        backend.size()
+                    )));
+                }
+                (None, Arc::clone(&backend), Device::unthrottled(backend))
+            }
         };
         source.claim(id, VolumeRole::Source)?;
         if let Some(t) = &target_volume
@@ -542,7 +594,17 @@ impl Engine {
             shutdown: self.shutdown.child_token(),
             persist_volumes: persist,
         });
-        lock(&self.jobs).insert(id.to_owned(), Arc::clone(&job));
+        {
+            let mut jobs = lock(&self.jobs);
+            if jobs.contains_key(id) {
+                // Another StartMirror with this id won the race while this
+                // one connected to its target. The volume claims carry the
+                // same id, so they belong to the winner: leave them.
+                drop(jobs);
+                return self.get_job(id);
+            }
+            jobs.insert(id.to_owned(), Arc::clone(&job));
+        }
         let _ = self.store.save_job(&job.record());
         let jobs = Arc::clone(&self.jobs);
         job.spawn(&self.tracker, move |job| {

@@ -280,7 +280,7 @@ mod tests {
         let hdr = encode_option(OPT_GO, &data);
         assert_eq!(
             parse_option_header(&hdr[..16]).unwrap(),
-            (OPT_GO, data.len() as u32)
+            (OPT_GO, u32::try_from(data.len()).unwrap())
         );
     }
 

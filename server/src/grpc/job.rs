@@ -51,7 +51,7 @@ impl JobService for JobApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
         let spec = convert::spec_in(spec)?;
-        reply(self.engine.start_mirror(id, spec))
+        reply(self.engine.start_mirror(id, spec).await)
     }
 
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Reply {

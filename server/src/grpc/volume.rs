@@ -36,10 +36,23 @@ impl VolumeService for VolumeApi {
         req: Request<v1::AttachVolumeRequest>,
     ) -> Result<Response<v1::Volume>, Status> {
         let r = req.into_inner();
-        let v = self
-            .engine
-            .attach_volume(&r.name, Path::new(&r.path), r.direct_io)
-            .status()?;
+        let v = match (r.path.is_empty(), r.uri.is_empty()) {
+            (_, true) => self
+                .engine
+                .attach_volume(&r.name, Path::new(&r.path), r.direct_io),
+            (true, false) if r.direct_io => {
+                return Err(Status::invalid_argument(
+                    "direct_io applies to files, not NBD URIs",
+                ));
+            }
+            (true, false) => self.engine.attach_nbd_volume(&r.name, &r.uri).await,
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "give either path or uri, not both",
+                ));
+            }
+        }
+        .status()?;
         Ok(Response::new(convert::volume(v)))
     }
 

@@ -6,9 +6,11 @@
 
 mod file;
 mod mem;
+mod nbd;
 
 pub use file::FileBackend;
 pub use mem::MemBackend;
+pub use nbd::{NbdBackend, NbdUri};
 
 use std::fmt;
 use std::io;

@@ -138,6 +138,11 @@ pub struct ActiveMirror {
     locks: Arc<RangeLocks>,
     /// True = write-blocking, false = background. Changed by the job.
     write_blocking: AtomicBool,
+    /// Set when a target write failed, cleared when a copy succeeds again:
+    /// while set, write-blocking guest writes go to the source only and
+    /// leave their chunks dirty, so a dead target costs the guest one
+    /// timeout, not one per write.
+    target_failing: AtomicBool,
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
     /// Bound on bytes in flight (copies and synchronous guest writes).
@@ -171,6 +176,7 @@ impl ActiveMirror {
             bitmap: Mutex::new(DirtyBitmap::new(chunks)),
             locks: RangeLocks::new(),
             write_blocking: AtomicBool::new(write_blocking),
+            target_failing: AtomicBool::new(false),
             target,
             budget: InflightBudget::new(buf_size),
             wake: Notify::new(),
@@ -290,7 +296,15 @@ impl ActiveMirror {
         bm.next_clean(start).is_none_or(|c| c >= end)
     }
 
+    /// True while the target is failing (see the field).
+    pub fn is_target_failing(&self) -> bool {
+        self.target_failing.load(Ordering::Acquire)
+    }
+
     fn record_error(&self, side: Side, operation: &'static str, error: EngineError) {
+        if side == Side::Target {
+            self.target_failing.store(true, Ordering::Release);
+        }
         self.errors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -326,7 +340,7 @@ impl ActiveMirror {
         let mut permit: Option<InflightPermit> = None;
         loop {
             let lock = self.locks.lock(offset, offset + len).await;
-            if !self.is_write_blocking() {
+            if !self.is_write_blocking() || self.is_target_failing() {
                 let result = op.apply(source, offset, len).await;
                 // Set even on failure: the source may hold part of the write.
                 self.mark_dirty(first, end);
@@ -388,7 +402,7 @@ impl ActiveMirror {
     /// # Errors
     /// The source's flush error.
     pub async fn guest_flush(&self, source: &Device) -> Result<()> {
-        if !self.is_write_blocking() {
+        if !self.is_write_blocking() || self.is_target_failing() {
             return source.flush().await;
         }
         let (src, tgt) = tokio::join!(source.flush(), self.target.flush());
@@ -429,6 +443,7 @@ impl ActiveMirror {
         drop(permit);
         match result {
             Ok(()) => {
+                self.target_failing.store(false, Ordering::Release);
                 self.counters.copied_bytes.fetch_add(len, Ordering::Relaxed);
                 self.counters
                     .progress_bytes
@@ -436,6 +451,9 @@ impl ActiveMirror {
                 Ok(len)
             }
             Err(e) => {
+                if e.side == Side::Target {
+                    self.target_failing.store(true, Ordering::Release);
+                }
                 self.mark_dirty(start, end);
                 Err(e)
             }

@@ -245,6 +245,7 @@ impl Job {
                 CopyMode::Background
             },
             actively_synced: write_blocking
+                && !self.mirror.is_target_failing()
                 && !s.status.is_terminal()
                 && s.status != JobStatus::Aborting
                 && self.mirror.dirty_chunks() == 0,

@@ -72,10 +72,13 @@ pub enum TargetSpec {
     Volume(String),
     /// A raw file, created (sparse, source-sized) if missing.
     File(PathBuf),
+    /// A remote NBD export (`nbd://HOST[:PORT]/EXPORT` or
+    /// `nbd+unix:///EXPORT?socket=PATH`), as given.
+    Nbd(String),
 }
 
 impl TargetSpec {
-    /// Parses `volume:NAME` or `file:PATH`.
+    /// Parses `volume:NAME`, `file:PATH` or an NBD URI.
     ///
     /// # Errors
     /// `InvalidArgument` naming the accepted forms.
@@ -88,13 +91,12 @@ impl TargetSpec {
                 return Err(EngineError::invalid("target file path is empty"));
             }
             Ok(Self::File(PathBuf::from(path)))
-        } else if s.starts_with("nbd://") || s.starts_with("nbd+unix://") {
-            Err(EngineError::invalid(format!(
-                "target {s:?}: NBD targets are not supported yet; use volume:NAME or file:PATH"
-            )))
+        } else if s.starts_with("nbd") {
+            crate::backend::NbdUri::parse(s)?;
+            Ok(Self::Nbd(s.to_owned()))
         } else {
             Err(EngineError::invalid(format!(
-                "target {s:?} must be volume:NAME or file:PATH"
+                "target {s:?} must be volume:NAME, file:PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
             )))
         }
     }
@@ -105,6 +107,7 @@ impl fmt::Display for TargetSpec {
         match self {
             Self::Volume(n) => write!(f, "volume:{n}"),
             Self::File(p) => write!(f, "file:{}", p.display()),
+            Self::Nbd(uri) => f.write_str(uri),
         }
     }
 }
