@@ -796,15 +796,13 @@ async fn start_mirror_refuses_bad_specs() {
 
     // Target forms.
     for (target, needles) in [
-        ("", vec!["target", "volume:NAME or file:PATH"]),
-        ("disk", vec!["\"disk\"", "volume:NAME or file:PATH"]),
+        ("", vec!["target", "volume:NAME"]),
+        ("disk", vec!["\"disk\"", "volume:NAME, file:PATH"]),
         ("volume:", vec!["target volume name"]),
         ("file:", vec!["target file path is empty"]),
-        ("nbd://x/y", vec!["nbd://x/y", "not supported yet"]),
-        (
-            "nbd+unix:///e?socket=/tmp/s",
-            vec!["nbd+unix", "not supported yet"],
-        ),
+        ("nbds://x/y", vec!["nbds://x/y", "nbd://"]),
+        ("nbd://x:0/y", vec!["nbd://x:0/y"]),
+        ("nbd+unix:///e", vec!["socket"]),
     ] {
         refused(
             &format!("target {target:?}"),
@@ -815,6 +813,20 @@ async fn start_mirror_refuses_bad_specs() {
             &needles,
         );
     }
+
+    // A well-formed NBD target nobody serves: unavailable, naming it.
+    let dead = format!(
+        "nbd+unix:///e?socket={}",
+        server.path("nobody.sock").display()
+    );
+    refused(
+        "unreachable NBD target",
+        c.jobs
+            .start_mirror(start_req("j", spec("src", &dead, CopyMode::Background)))
+            .await,
+        Code::Unavailable,
+        &["nobody.sock"],
+    );
 
     // Enum values outside the proto's sets, and unsupported ones.
     let mut s = good();

@@ -344,12 +344,12 @@ async fn errors_are_one_line_with_the_right_exit_status() {
             "start",
             "disk",
             "--target",
-            "nbd://x/y",
+            "nbds://x/y",
             "--job",
             "n",
         ],
     )
-    .fails(&["invalid argument", "not supported yet"]);
+    .fails(&["invalid argument", "nbds://x/y"]);
     ctl(
         &server,
         &[

@@ -95,6 +95,14 @@ fn save_volumes(store: &Store, volumes: &Mutex<BTreeMap<String, Arc<Volume>>>) -
 async fn connect_nbd(uri: &str) -> Result<Arc<dyn BlockBackend>> {
     let parsed = NbdUri::parse(uri)?;
     match tokio::task::spawn_blocking(move || NbdBackend::connect(&parsed)).await {
+        // OS-level failures (no socket, refused, unreachable) mean the server
+        // is not there; an unknown export stays NOT_FOUND.
+        Ok(Err(e)) if e.kind() == ErrorKind::Io || e.raw_os_error().is_some() => {
+            Err(EngineError::new(
+                ErrorKind::Unavailable,
+                format!("cannot reach the NBD server of {uri}: {}", e.chain()),
+            ))
+        }
         Ok(r) => r.map(|b| Arc::new(b) as Arc<dyn BlockBackend>),
         Err(e) => Err(EngineError::io(
             "connecting to NBD",
@@ -568,13 +576,16 @@ impl Engine {
         }
         // validate() bounds buf_size to 1 GiB, which fits u32.
         let buf = u32::try_from(spec.buf_size_bytes).unwrap_or(u32::MAX);
-        let mirror = Arc::new(ActiveMirror::new(
-            size,
-            spec.granularity_bytes,
-            device,
-            buf,
-            spec.copy_mode == CopyMode::WriteBlocking,
-        ));
+        let mirror = Arc::new(
+            ActiveMirror::new(
+                size,
+                spec.granularity_bytes,
+                device,
+                buf,
+                spec.copy_mode == CopyMode::WriteBlocking,
+            )
+            .with_latency_limit(spec.policy.target_latency_limit_ms),
+        );
         let (store, volumes) = (Arc::clone(&self.store), Arc::clone(&self.volumes));
         let persist: PersistFn = Arc::new(move |absorbed: Option<&str>| {
             if let Some(name) = absorbed {

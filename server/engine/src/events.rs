@@ -20,6 +20,63 @@ pub const DEFAULT_HISTORY: usize = 4096;
 /// told it lagged (its stream ends) rather than holding memory without bound.
 const LIVE_CHANNEL_DEPTH: usize = 1024;
 
+/// Where the dirty set is heading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Convergence {
+    /// Shrinking.
+    #[default]
+    Converging,
+    /// Not moving.
+    Stalled,
+    /// Growing: guests dirty faster than the copier copies.
+    Diverging,
+    /// Nothing dirty.
+    Synced,
+}
+
+impl Convergence {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Converging => "converging",
+            Self::Stalled => "stalled",
+            Self::Diverging => "diverging",
+            Self::Synced => "synced",
+        }
+    }
+
+    /// The forecast from dirty bytes and the two rates (bytes/s), with the
+    /// estimated milliseconds to READY when it is converging.
+    pub fn forecast(
+        dirty: u64,
+        copy_rate: u64,
+        dirty_rate: u64,
+        write_blocking: bool,
+    ) -> (Self, Option<u64>) {
+        if dirty == 0 {
+            return (Self::Synced, Some(0));
+        }
+        // In write-blocking mode guests cannot dirty clean chunks, so the
+        // dirty rate only reflects writes to chunks that are dirty already.
+        let net = if write_blocking {
+            copy_rate
+        } else {
+            copy_rate.saturating_sub(dirty_rate)
+        };
+        if copy_rate == 0 {
+            (Self::Stalled, None)
+        } else if net == 0 {
+            (Self::Diverging, None)
+        } else {
+            let ms = u128::from(dirty) * 1000 / u128::from(net);
+            (
+                Self::Converging,
+                Some(u64::try_from(ms).unwrap_or(u64::MAX)),
+            )
+        }
+    }
+}
+
 /// Progress figures carried by PROGRESS and terminal events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -33,6 +90,10 @@ pub struct Progress {
     pub copy_rate: u64,
     /// Bytes dirtied per second, last interval.
     pub dirty_rate: u64,
+    /// Where the dirty set is heading.
+    pub convergence: Convergence,
+    /// Estimated milliseconds to READY, when converging.
+    pub eta_to_ready_ms: Option<u64>,
 }
 
 /// What happened.

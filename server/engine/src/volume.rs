@@ -17,6 +17,7 @@ use crate::backend::BlockBackend;
 use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::job::active::{ActiveMirror, WriteOp};
+use crate::limits::InflightPermit;
 use crate::throttle::{RateLimits, Throttle};
 use bytes::Bytes;
 use std::sync::{Arc, Mutex, RwLock};
@@ -220,7 +221,13 @@ impl Volume {
         self.device().read(offset, len).await
     }
 
-    async fn submit(&self, offset: u64, len: u64, op: WriteOp) -> Result<()> {
+    async fn submit(
+        &self,
+        offset: u64,
+        len: u64,
+        op: WriteOp,
+        reserved: Option<InflightPermit>,
+    ) -> Result<()> {
         self.check_range(offset, len)?;
         self.check_writable()?;
         if len == 0 {
@@ -234,9 +241,37 @@ impl Volume {
         let _io = self.gate.read().await;
         let source = Device::unthrottled(self.backend());
         match self.mirror() {
-            Some(m) => m.guest_write(&source, offset, len, op).await,
+            Some(m) => m.guest_write(&source, offset, len, op, reserved).await,
             None => op.apply(&source, offset, len).await,
         }
+    }
+
+    /// Reserves `len` bytes of the active mirror job's memory budget for a
+    /// write payload a front end is about to read, so request buffers count
+    /// toward the job's bound (and the front end stops reading when it is
+    /// reached). `None` when no job is active.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe.
+    pub async fn reserve_write(&self, len: u64) -> Option<InflightPermit> {
+        let m = self.mirror()?;
+        Some(m.budget.acquire(len).await)
+    }
+
+    /// [`Self::write`] with a reservation from [`Self::reserve_write`].
+    ///
+    /// # Errors
+    /// As [`Self::write`].
+    pub async fn write_reserved(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        reserved: Option<InflightPermit>,
+    ) -> Result<()> {
+        let len = data.len() as u64;
+        self.submit(offset, len, WriteOp::Data { data, fua }, reserved)
+            .await
     }
 
     /// Writes `data` at `offset`; with `fua`, durable on return.
@@ -245,7 +280,8 @@ impl Volume {
     /// A bad range, a volume that is a mirror target, or the source's I/O error.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let len = data.len() as u64;
-        self.submit(offset, len, WriteOp::Data { data, fua }).await
+        self.submit(offset, len, WriteOp::Data { data, fua }, None)
+            .await
     }
 
     /// Makes a range read as zeroes; unless `no_hole`, it may be deallocated.
@@ -266,6 +302,7 @@ impl Volume {
                 punch: !no_hole,
                 fua,
             },
+            None,
         )
         .await
     }
@@ -283,6 +320,7 @@ impl Volume {
                 punch: true,
                 fua: false,
             },
+            None,
         )
         .await
     }

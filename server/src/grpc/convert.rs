@@ -3,10 +3,10 @@
 use blockmirror_engine::JobInfo;
 use blockmirror_engine::VolumeInfo;
 use blockmirror_engine::engine::Engine;
-use blockmirror_engine::events::{Event, EventKind, Progress};
+use blockmirror_engine::events::{Convergence, Event, EventKind, Progress};
 use blockmirror_engine::job::spec::{
-    CopyMode, DEFAULT_BUF_SIZE_BYTES, DEFAULT_GRANULARITY_BYTES, ErrorPolicy, MirrorSpec, SyncMode,
-    TargetSpec,
+    ConvergencePolicy, CopyMode, DEFAULT_BUF_SIZE_BYTES, DEFAULT_GRANULARITY_BYTES, ErrorPolicy,
+    MirrorSpec, SyncMode, TargetSpec,
 };
 use blockmirror_engine::job::state::JobStatus;
 use blockmirror_proto::v1;
@@ -136,6 +136,7 @@ fn policy_in(raw: i32, field: &str) -> Result<ErrorPolicy, Status> {
 /// A proto spec as the engine's, with defaults filled in. Field-level
 /// checks (ranges, names) are the engine's, so they hold for every front end.
 pub fn spec_in(s: v1::MirrorSpec) -> Result<MirrorSpec, Status> {
+    let policy = convergence_policy_in(&s);
     let sync = match v1::SyncMode::try_from(s.sync) {
         Ok(v1::SyncMode::Unspecified | v1::SyncMode::Full) => SyncMode::Full,
         Ok(v1::SyncMode::None) => SyncMode::None,
@@ -174,7 +175,31 @@ pub fn spec_in(s: v1::MirrorSpec) -> Result<MirrorSpec, Status> {
         } else {
             Some(s.bitmap)
         },
+        policy,
     })
+}
+
+fn convergence_policy_in(s: &v1::MirrorSpec) -> ConvergencePolicy {
+    let d = ConvergencePolicy::default();
+    let or = |v: u64, default: u64| if v == 0 { default } else { v };
+    ConvergencePolicy {
+        auto_ready_timeout_ms: or(s.auto_ready_timeout_ms, d.auto_ready_timeout_ms),
+        auto_diverging_window_ms: or(s.auto_diverging_window_ms, d.auto_diverging_window_ms),
+        auto_min_dwell_ms: or(s.auto_min_dwell_ms, d.auto_min_dwell_ms),
+        target_latency_limit_ms: s.target_latency_limit_ms,
+        target_latency_window_ms: or(s.target_latency_window_ms, d.target_latency_window_ms),
+        guest_throttle_bytes_per_sec: s.guest_throttle_bytes_per_sec,
+        guest_throttle_below_bytes: or(s.guest_throttle_below_bytes, d.guest_throttle_below_bytes),
+    }
+}
+
+fn convergence(c: Convergence) -> v1::Convergence {
+    match c {
+        Convergence::Converging => v1::Convergence::Converging,
+        Convergence::Stalled => v1::Convergence::Stalled,
+        Convergence::Diverging => v1::Convergence::Diverging,
+        Convergence::Synced => v1::Convergence::Synced,
+    }
 }
 
 /// An engine spec as a proto message.
@@ -192,6 +217,13 @@ pub fn spec(s: &MirrorSpec) -> v1::MirrorSpec {
         auto_finalize: Some(s.auto_finalize),
         auto_dismiss: Some(s.auto_dismiss),
         bitmap: s.bitmap.clone().unwrap_or_default(),
+        auto_ready_timeout_ms: s.policy.auto_ready_timeout_ms,
+        auto_diverging_window_ms: s.policy.auto_diverging_window_ms,
+        auto_min_dwell_ms: s.policy.auto_min_dwell_ms,
+        target_latency_limit_ms: s.policy.target_latency_limit_ms,
+        target_latency_window_ms: s.policy.target_latency_window_ms,
+        guest_throttle_bytes_per_sec: s.policy.guest_throttle_bytes_per_sec,
+        guest_throttle_below_bytes: s.policy.guest_throttle_below_bytes,
     }
 }
 
@@ -217,6 +249,8 @@ pub fn job(j: JobInfo) -> v1::Job {
         peak_in_flight_bytes: j.peak_in_flight_bytes,
         copied_bytes: j.copied_bytes,
         pivoted: j.pivoted,
+        convergence: convergence(j.progress.convergence) as i32,
+        eta_to_ready_ms: j.progress.eta_to_ready_ms,
     }
 }
 
@@ -226,6 +260,8 @@ fn with_progress(e: &mut v1::Event, p: &Progress) {
     e.dirty_bytes = p.dirty_bytes;
     e.copy_rate_bytes_per_sec = p.copy_rate;
     e.dirty_rate_bytes_per_sec = p.dirty_rate;
+    e.convergence = convergence(p.convergence) as i32;
+    e.eta_to_ready_ms = p.eta_to_ready_ms;
 }
 
 /// An engine event as a proto message.

@@ -24,6 +24,7 @@
 
 use super::errno::errno;
 use blockmirror_engine::Engine;
+use blockmirror_engine::limits::InflightPermit;
 use blockmirror_engine::store::ExportRecord;
 use blockmirror_engine::volume::Volume;
 use blockmirror_nbd::consts::*;
@@ -350,11 +351,15 @@ where
                 .into());
             }
             Command::Write => {
+                // A mirror job on the volume bounds all the bytes it holds,
+                // request buffers included: wait for its budget before
+                // reading the payload, so the client feels the bound.
+                let reserved = sel.volume.reserve_write(u64::from(req.length)).await;
                 let mut buf = BytesMut::zeroed(req.length as usize);
                 if let Err(e) = rd.read_exact(&mut buf).await {
                     break Err(e.into());
                 }
-                Some(buf.freeze())
+                Some((buf.freeze(), reserved))
             }
             _ => None,
         };
@@ -403,7 +408,10 @@ enum Outcome {
     Error(u32, String),
 }
 
-async fn run(sel: &Selected, req: &Request, data: Option<Bytes>) -> Outcome {
+/// A write payload and the mirror budget it was read under, if any.
+type Payload = (Bytes, Option<InflightPermit>);
+
+async fn run(sel: &Selected, req: &Request, data: Option<Payload>) -> Outcome {
     let v = &sel.volume;
     let writes = matches!(
         req.command,
@@ -422,10 +430,12 @@ async fn run(sel: &Selected, req: &Request, data: Option<Bytes>) -> Outcome {
             );
         }
         Command::Read => v.read(req.offset, len).await.map(Outcome::Data),
-        Command::Write => v
-            .write(req.offset, data.unwrap_or_default(), fua)
-            .await
-            .map(|()| Outcome::Done),
+        Command::Write => {
+            let (bytes, reserved) = data.unwrap_or_default();
+            v.write_reserved(req.offset, bytes, fua, reserved)
+                .await
+                .map(|()| Outcome::Done)
+        }
         Command::Flush => v.flush().await.map(|()| Outcome::Done),
         Command::Trim => v.discard(req.offset, len).await.map(|()| Outcome::Done),
         Command::WriteZeroes => v
@@ -460,7 +470,7 @@ async fn run(sel: &Selected, req: &Request, data: Option<Bytes>) -> Outcome {
 }
 
 /// Runs a request and encodes its reply.
-async fn handle(sel: &Selected, req: Request, data: Option<Bytes>) -> ReplyParts {
+async fn handle(sel: &Selected, req: Request, data: Option<Payload>) -> ReplyParts {
     let h = req.handle;
     match (run(sel, &req, data).await, sel.structured) {
         (Outcome::Data(d), true) => {

@@ -123,6 +123,8 @@ pub struct MirrorCounters {
     pub sync_writes: AtomicU64,
     /// Guest writes that went to the source only.
     pub source_only_writes: AtomicU64,
+    /// Bytes of guest writes that went to both sides.
+    pub sync_write_bytes: AtomicU64,
 }
 
 /// Shared state of one active mirror.
@@ -157,7 +159,46 @@ pub struct ActiveMirror {
     /// Reused copy buffers, so the copier does not allocate (and zero) a
     /// fresh buffer per operation.
     buffers: Mutex<Vec<Vec<u8>>>,
+    /// Held by a copy while it waits for its turn at the target (the
+    /// target's write limit): at most one copy is queued there at a time,
+    /// so a guest write never queues behind more than one copy operation.
+    copy_turn: tokio::sync::Mutex<()>,
+    /// When the mirror started; the clock for `last_sync_write_ms`.
+    epoch: tokio::time::Instant,
+    /// Milliseconds after `epoch` of the last synchronous guest write
+    /// (guest-first scheduling: the copier shrinks while guests are active).
+    last_sync_write_ms: AtomicU64,
+    /// Synchronous guest writes now waiting on the target.
+    guests_at_target: AtomicU64,
+    /// Signalled when a synchronous guest write leaves the target.
+    guest_left_target: Notify,
+    /// Guest write cap during convergence, when the runner turns it on.
+    guest_throttle: Throttle,
+    /// Whether `guest_throttle` applies now (set by the runner).
+    guest_throttle_on: AtomicBool,
+    /// Target-latency guard: writes over the limit and all synchronous
+    /// target writes since the runner last sampled.
+    pub(crate) latency: LatencyCounters,
 }
+
+/// Counts for the target-latency guard.
+#[derive(Debug, Default)]
+pub struct LatencyCounters {
+    /// The limit in microseconds (0 = off).
+    pub limit_us: u64,
+    /// Synchronous target writes that took longer than the limit.
+    pub slow: AtomicU64,
+    /// All synchronous target writes.
+    pub total: AtomicU64,
+    /// Sum of their latencies, in microseconds.
+    pub sum_us: AtomicU64,
+}
+
+/// Writes to the target by guests count as "recent" for this long.
+const GUEST_ACTIVE_WINDOW_MS: u64 = 250;
+/// Longest a copy defers to guest writes waiting on the target, so the
+/// copier keeps a share of the target however busy guests are.
+const GUEST_PRIORITY_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl ActiveMirror {
     /// A mirror of a `size`-byte source at `granularity` (a power of two).
@@ -183,6 +224,14 @@ impl ActiveMirror {
             counters: MirrorCounters::default(),
             errors: Mutex::new(VecDeque::new()),
             buffers: Mutex::new(Vec::new()),
+            copy_turn: tokio::sync::Mutex::new(()),
+            epoch: tokio::time::Instant::now(),
+            last_sync_write_ms: AtomicU64::new(0),
+            guests_at_target: AtomicU64::new(0),
+            guest_left_target: Notify::new(),
+            guest_throttle: Throttle::default(),
+            guest_throttle_on: AtomicBool::new(false),
+            latency: LatencyCounters::default(),
         }
     }
 
@@ -192,6 +241,43 @@ impl ActiveMirror {
         self.bitmap
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets the target-latency guard's limit (0 = off). Call before use.
+    pub fn with_latency_limit(mut self, limit_ms: u64) -> Self {
+        self.latency.limit_us = limit_ms.saturating_mul(1000);
+        self
+    }
+
+    /// Turns guest write throttling on (at `bytes_per_sec`) or off.
+    pub fn set_guest_throttle(&self, bytes_per_sec: Option<u64>) {
+        match bytes_per_sec {
+            Some(bps) => {
+                if !self.guest_throttle_on.swap(true, Ordering::AcqRel) {
+                    self.guest_throttle.set_limits(crate::throttle::RateLimits {
+                        bytes_per_sec: bps,
+                        ops_per_sec: 0,
+                    });
+                }
+            }
+            None => self.guest_throttle_on.store(false, Ordering::Release),
+        }
+    }
+
+    /// True while guest writes are capped.
+    pub fn is_guest_throttled(&self) -> bool {
+        self.guest_throttle_on.load(Ordering::Acquire)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// True when a guest wrote to the target in the last moments: the
+    /// copier then uses small operations and few of them.
+    pub fn guests_active(&self) -> bool {
+        let last = self.last_sync_write_ms.load(Ordering::Acquire);
+        last > 0 && self.now_ms().saturating_sub(last) < GUEST_ACTIVE_WINDOW_MS
     }
 
     /// Bytes per chunk.
@@ -335,9 +421,15 @@ impl ActiveMirror {
         offset: u64,
         len: u64,
         op: WriteOp,
+        reserved: Option<InflightPermit>,
     ) -> Result<()> {
         let (first, end) = self.touched(offset, len);
-        let mut permit: Option<InflightPermit> = None;
+        // A front end that read the payload under this job's budget hands
+        // its permit over, so the buffer is counted once.
+        let mut permit: Option<InflightPermit> = reserved;
+        if self.is_guest_throttled() {
+            self.guest_throttle.acquire(op.buffer_bytes()).await;
+        }
         loop {
             let lock = self.locks.lock(offset, offset + len).await;
             if !self.is_write_blocking() || self.is_target_failing() {
@@ -367,11 +459,21 @@ impl ActiveMirror {
                     }
                 }
             }
-            let (src, tgt) = tokio::join!(
-                op.apply(source, offset, len),
-                op.apply(&self.target, offset, len)
-            );
+            self.last_sync_write_ms
+                .store(self.now_ms().max(1), Ordering::Release);
+            self.guests_at_target.fetch_add(1, Ordering::AcqRel);
+            let started = tokio::time::Instant::now();
+            let (src, tgt) = tokio::join!(op.apply(source, offset, len), async {
+                let r = op.apply(&self.target, offset, len).await;
+                self.note_target_latency(started.elapsed());
+                self.guests_at_target.fetch_sub(1, Ordering::AcqRel);
+                self.guest_left_target.notify_waiters();
+                r
+            });
             self.counters.sync_writes.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .sync_write_bytes
+                .fetch_add(len, Ordering::Relaxed);
             match (src, tgt) {
                 (Ok(()), Ok(())) => {
                     let (c0, c1) = self.covered(offset, len);
@@ -393,6 +495,15 @@ impl ActiveMirror {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    fn note_target_latency(&self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.latency.total.fetch_add(1, Ordering::Relaxed);
+        self.latency.sum_us.fetch_add(us, Ordering::Relaxed);
+        if self.latency.limit_us > 0 && us > self.latency.limit_us {
+            self.latency.slow.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -429,10 +540,24 @@ impl ActiveMirror {
         let (off, stop) = self.byte_span(start, end);
         let len = stop - off;
         speed.acquire(len).await;
-        // Pay the target's write limit before taking the range lock, so a
-        // guest write to these chunks waits for the copy's I/O only, not
-        // for its turn at a slow target's token bucket.
-        self.target.pay(len).await;
+        {
+            // Guest-first: one copy at a time waits for the target, and it
+            // lets guest writes already waiting there go first (for a
+            // bounded time, so the copier keeps a share).
+            let _turn = self.copy_turn.lock().await;
+            if self.guests_at_target.load(Ordering::Acquire) > 0 {
+                let _ = tokio::time::timeout(GUEST_PRIORITY_MAX_WAIT, async {
+                    while self.guests_at_target.load(Ordering::Acquire) > 0 {
+                        self.guest_left_target.notified().await;
+                    }
+                })
+                .await;
+            }
+            // Pay the target's write limit before taking the range lock, so
+            // a guest write to these chunks waits for the copy's I/O only,
+            // not for its turn at a slow target's token bucket.
+            self.target.pay(len).await;
+        }
         let _lock = self.locks.lock(off, stop).await;
         let cleared = self.bitmap().clear_range(start, end).unwrap_or(0);
         if cleared == 0 {

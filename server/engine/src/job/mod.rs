@@ -28,6 +28,7 @@
 //! I/O go on — the guest-visible pause is the time the gate was held.
 
 pub mod active;
+pub mod policy;
 mod runner;
 pub mod spec;
 pub mod state;
@@ -222,12 +223,25 @@ impl Job {
     fn progress(&self, s: &Shared) -> Progress {
         let current = self.mirror.counters.progress_bytes.load(Ordering::Relaxed);
         let dirty = self.mirror.dirty_bytes();
+        let (convergence, eta_to_ready_ms) = match s.status {
+            JobStatus::Paused | JobStatus::Standby if dirty > 0 => {
+                (crate::events::Convergence::Stalled, None)
+            }
+            _ => crate::events::Convergence::forecast(
+                dirty,
+                s.copy_rate,
+                s.dirty_rate,
+                self.mirror.is_write_blocking(),
+            ),
+        };
         Progress {
             current_bytes: current,
             total_bytes: current + dirty,
             dirty_bytes: dirty,
             copy_rate: s.copy_rate,
             dirty_rate: s.dirty_rate,
+            convergence,
+            eta_to_ready_ms,
         }
     }
 

@@ -3,8 +3,8 @@
 //! from running to concluded. See the parent module for the design.
 
 use super::active::MirrorIoError;
-use super::spec::{CopyMode, ErrorPolicy, SyncMode};
-use super::{Job, JobStatus, Shared};
+use super::spec::{ErrorPolicy, SyncMode};
+use super::{Job, JobStatus};
 use crate::backend::Allocation;
 use crate::device::Device;
 use crate::events::EventKind;
@@ -19,14 +19,16 @@ const MAX_COPY_OPS: usize = 16;
 /// Largest copy operation. Small enough that a guest write waiting on a
 /// chunk under copy waits for at most 1 MiB of target I/O.
 const MAX_COPY_OP_BYTES: u64 = 1 << 20;
-/// Progress and rate sampling period (PROGRESS events are about one a second).
-const TICK: Duration = Duration::from_secs(1);
+/// Policy tick: rates are sampled and the convergence policy runs this often.
+const TICK: Duration = Duration::from_millis(250);
+/// Ticks per PROGRESS event (about one a second) and per rate window.
+const TICKS_PER_SECOND: usize = 4;
+/// While guests write to the target: copy operations at most this big...
+const ACTIVE_COPY_OP_BYTES: u64 = 256 << 10;
+/// ... and at most this many in flight (one doing I/O, one waiting its turn).
+const ACTIVE_COPY_OPS: usize = 2;
 /// Pause before retrying after a copy error the policy let pass.
 const ERROR_RETRY_DELAY: Duration = Duration::from_millis(200);
-/// Auto mode: seconds of dirty rate ≥ copy rate before switching to write-blocking.
-const AUTO_DIVERGING_TICKS: u32 = 5;
-/// Auto mode: switch to write-blocking if READY has not come after this long.
-const AUTO_READY_DEADLINE: Duration = Duration::from_secs(60);
 
 type CopyResult = (u64, u64, Result<u64, MirrorIoError>);
 
@@ -78,21 +80,25 @@ impl Cursor {
     }
 }
 
-/// Rate sampling between ticks.
+/// Counter readings of the last second, one per tick, for rates.
 #[derive(Debug)]
 struct Sampler {
-    at: Instant,
-    progress: u64,
-    dirtied: u64,
-    diverging_ticks: u32,
+    /// (when, progress bytes, dirtied bytes, synchronous guest bytes).
+    window: std::collections::VecDeque<(Instant, u64, u64, u64)>,
+    ticks: usize,
+    policy: super::policy::PolicyState,
 }
 
 impl Job {
     pub(super) async fn run(self: Arc<Self>) {
         self.start().await;
-        let op_chunks = (MAX_COPY_OP_BYTES.min(self.mirror.budget.capacity())
-            / self.mirror.granularity())
-        .max(1);
+        let chunks_of = |bytes: u64| {
+            (bytes.min(self.mirror.budget.capacity()) / self.mirror.granularity()).max(1)
+        };
+        let (op_chunks, active_op_chunks) = (
+            chunks_of(MAX_COPY_OP_BYTES),
+            chunks_of(ACTIVE_COPY_OP_BYTES),
+        );
         let started = Instant::now();
         let mut cursor = Cursor {
             next: 0,
@@ -103,10 +109,9 @@ impl Job {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sampler = Sampler {
-            at: Instant::now(),
-            progress: 0,
-            dirtied: 0,
-            diverging_ticks: 0,
+            window: std::collections::VecDeque::with_capacity(TICKS_PER_SECOND + 1),
+            ticks: 0,
+            policy: super::policy::PolicyState::new(self.spec.policy),
         };
         loop {
             for err in self.mirror.take_errors() {
@@ -122,8 +127,15 @@ impl Job {
             ) && retry_at.is_none();
             let mut want_budget = None;
             if copying {
-                while ops.len() < MAX_COPY_OPS {
-                    let Some((start, end)) = cursor.pick(&self, op_chunks) else {
+                // Guest-first: while guests write to the target, the copier
+                // uses small operations, few at a time (see active.rs).
+                let (max_ops, max_chunks) = if self.mirror.guests_active() {
+                    (ACTIVE_COPY_OPS, active_op_chunks)
+                } else {
+                    (MAX_COPY_OPS, op_chunks)
+                };
+                while ops.len() < max_ops {
+                    let Some((start, end)) = cursor.pick(&self, max_chunks) else {
                         break;
                     };
                     let (off, stop) = self.mirror.byte_span(start, end);
@@ -443,57 +455,73 @@ impl Job {
         self.save();
     }
 
-    /// Samples rates, runs the auto-mode policy, emits PROGRESS.
+    /// Samples rates, runs the convergence policy, emits PROGRESS about
+    /// once a second.
     fn sample(&self, sm: &mut Sampler, started: Instant) {
         let now = Instant::now();
-        let secs = now.duration_since(sm.at).as_secs_f64().max(1e-3);
-        let progress = self.mirror.counters.progress_bytes.load(Ordering::Relaxed);
-        let dirtied = self.mirror.counters.dirtied_bytes.load(Ordering::Relaxed);
+        let c = &self.mirror.counters;
+        let reading = (
+            now,
+            c.progress_bytes.load(Ordering::Relaxed),
+            c.dirtied_bytes.load(Ordering::Relaxed),
+            c.sync_write_bytes.load(Ordering::Relaxed),
+        );
+        let oldest = *sm.window.front().unwrap_or(&reading);
+        sm.window.push_back(reading);
+        if sm.window.len() > TICKS_PER_SECOND {
+            sm.window.pop_front();
+        }
+        let secs = now.duration_since(oldest.0).as_secs_f64().max(1e-3);
         let rate = |d: u64| {
-            let r = d as f64 / secs;
             // Rates are non-negative and far below u64::MAX.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let r = r as u64;
+            let r = (d as f64 / secs) as u64;
             r
         };
-        let copy_rate = rate(progress.saturating_sub(sm.progress));
-        let dirty_rate = rate(dirtied.saturating_sub(sm.dirtied));
-        *sm = Sampler {
-            at: now,
-            progress,
-            dirtied,
-            diverging_ticks: sm.diverging_ticks,
-        };
+        let copy_rate = rate(reading.1.saturating_sub(oldest.1));
+        let dirty_rate = rate(reading.2.saturating_sub(oldest.2));
+        let guest_sync_rate = rate(reading.3.saturating_sub(oldest.3));
+        let lat = &self.mirror.latency;
+        let (slow, total) = (
+            lat.slow.swap(0, Ordering::Relaxed),
+            lat.total.swap(0, Ordering::Relaxed),
+        );
         let mut s = self.lock();
         s.copy_rate = copy_rate;
         s.dirty_rate = dirty_rate;
         if s.status.is_terminal() {
             return;
         }
-        self.auto_mode(&mut s, sm, started);
-        let p = self.progress(&s);
-        self.events.emit(&self.id, EventKind::Progress(p));
-    }
-
-    /// Auto copy mode: go write-blocking when the job would not converge.
-    fn auto_mode(&self, s: &mut Shared, sm: &mut Sampler, started: Instant) {
-        if s.requested_mode != CopyMode::Auto
-            || self.mirror.is_write_blocking()
-            || s.status != JobStatus::Running
-        {
-            sm.diverging_ticks = 0;
-            return;
+        let actions = sm.policy.tick(super::policy::Sample {
+            now_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            status: s.status,
+            requested: s.requested_mode,
+            write_blocking: self.mirror.is_write_blocking(),
+            dirty_bytes: self.mirror.dirty_bytes(),
+            copy_rate,
+            dirty_rate,
+            guest_sync_rate,
+            slow_target_writes: slow,
+            target_writes: total,
+        });
+        for action in actions {
+            match action {
+                super::policy::Action::SwitchMode {
+                    write_blocking,
+                    reason,
+                } => {
+                    self.set_mode(&mut s, write_blocking, &reason);
+                }
+                super::policy::Action::GuestThrottle(cap) => {
+                    tracing::info!(job_id = %self.id, ?cap, "guest write throttling");
+                    self.mirror.set_guest_throttle(cap);
+                }
+            }
         }
-        let dirty = self.mirror.dirty_chunks() > 0;
-        if dirty && s.dirty_rate >= s.copy_rate {
-            sm.diverging_ticks += 1;
-        } else {
-            sm.diverging_ticks = 0;
-        }
-        if sm.diverging_ticks >= AUTO_DIVERGING_TICKS {
-            self.set_mode(s, true, "dirty rate stayed at or above copy rate");
-        } else if started.elapsed() >= AUTO_READY_DEADLINE {
-            self.set_mode(s, true, "not ready within the deadline");
+        sm.ticks += 1;
+        if sm.ticks.is_multiple_of(TICKS_PER_SECOND) {
+            let p = self.progress(&s);
+            self.events.emit(&self.id, EventKind::Progress(p));
         }
     }
 }

@@ -139,6 +139,44 @@ pub struct MirrorSpec {
     pub auto_dismiss: bool,
     /// Named bitmap, for `SyncMode::Bitmap`.
     pub bitmap: Option<String>,
+    /// Convergence policy and guards.
+    #[serde(default)]
+    pub policy: ConvergencePolicy,
+}
+
+/// When `auto` switches modes, the target-latency guard, and guest
+/// throttling. Durations in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvergencePolicy {
+    /// Auto: go write-blocking when not ready after this long.
+    pub auto_ready_timeout_ms: u64,
+    /// Auto: go write-blocking when dirty rate ≥ copy rate this long.
+    pub auto_diverging_window_ms: u64,
+    /// Auto: least time between automatic switches (doubles after a
+    /// return to background that diverged again).
+    pub auto_min_dwell_ms: u64,
+    /// Guard: synchronous target writes slower than this (0 = off)...
+    pub target_latency_limit_ms: u64,
+    /// ... for most of this window fall back to background.
+    pub target_latency_window_ms: u64,
+    /// Guest write cap once dirty bytes fall below the threshold (0 = off).
+    pub guest_throttle_bytes_per_sec: u64,
+    /// The dirty-bytes threshold for the guest cap.
+    pub guest_throttle_below_bytes: u64,
+}
+
+impl Default for ConvergencePolicy {
+    fn default() -> Self {
+        Self {
+            auto_ready_timeout_ms: 60_000,
+            auto_diverging_window_ms: 5_000,
+            auto_min_dwell_ms: 10_000,
+            target_latency_limit_ms: 0,
+            target_latency_window_ms: 2_000,
+            guest_throttle_bytes_per_sec: 0,
+            guest_throttle_below_bytes: 64 << 20,
+        }
+    }
 }
 
 impl MirrorSpec {
@@ -176,6 +214,19 @@ impl MirrorSpec {
             )),
             _ => Ok(()),
         }?;
+        let p = &self.policy;
+        for (name, v) in [
+            ("auto_ready_timeout_ms", p.auto_ready_timeout_ms),
+            ("auto_diverging_window_ms", p.auto_diverging_window_ms),
+            ("auto_min_dwell_ms", p.auto_min_dwell_ms),
+            ("target_latency_window_ms", p.target_latency_window_ms),
+        ] {
+            if v == 0 || v > 86_400_000 {
+                return Err(EngineError::invalid(format!(
+                    "{name} {v} must be between 1 ms and one day"
+                )));
+            }
+        }
         if let TargetSpec::Volume(t) = &self.target
             && t == &self.source_volume
         {

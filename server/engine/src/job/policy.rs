@@ -1,0 +1,495 @@
+//! The convergence policy: when `auto` switches copy modes, the
+//! target-latency guard, and guest write throttling.
+//!
+//! A pure state machine: the runner feeds it one [`Sample`] per tick and
+//! applies the [`Action`]s it returns, so every rule is unit-tested here
+//! without a runtime or a clock.
+//!
+//! # Auto mode and hysteresis
+//!
+//! `auto` starts in background mode (the guest pays nothing for the copy)
+//! and switches to write-blocking when the job would not converge: READY has
+//! not come within `auto_ready_timeout_ms`, or the dirty rate stayed at or
+//! above the copy rate for `auto_diverging_window_ms`. (A complete request
+//! switches too; the job does that itself.) After READY, write-blocking
+//! costs the guest target latency on every write, so `auto` returns to
+//! background once guests write at less than half the copy rate seen during
+//! the copy — at that rate background mode keeps up. Two rules keep this
+//! from flapping: no automatic switch comes sooner than the dwell time after
+//! the previous one, and every return to background that diverges again
+//! doubles the dwell (up to ten minutes). A steady heavy load therefore stays
+//! write-blocking; a steady light load goes back to background once.
+//!
+//! # Target-latency guard
+//!
+//! In write-blocking mode a guest write waits for the target. When most
+//! synchronous target writes in a window take longer than
+//! `target_latency_limit_ms`, the guard falls back to background (the
+//! chunks stay dirty, the copier carries them) and retries write-blocking
+//! after the dwell time.
+//!
+//! # Guest throttling
+//!
+//! Off by default. When `guest_throttle_bytes_per_sec` is set, a background
+//! job whose dirty bytes fell below `guest_throttle_below_bytes` caps guest
+//! writes at that rate until READY: the guest slows down only for the last
+//! stretch, and the copier catches up. The trade-off: guest bandwidth
+//! during convergence, for a job that finishes instead of chasing a guest
+//! that writes as fast as the copier copies.
+
+use super::spec::{ConvergencePolicy, CopyMode};
+use super::state::JobStatus;
+
+/// Longest dwell between automatic switches.
+const MAX_DWELL_MS: u64 = 600_000;
+/// Synchronous target writes a latency window needs before it can judge.
+const MIN_LATENCY_SAMPLES: u64 = 3;
+
+/// What the runner observed since the previous tick.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Milliseconds since the job started.
+    pub now_ms: u64,
+    /// Job state.
+    pub status: JobStatus,
+    /// The mode the user asked for.
+    pub requested: CopyMode,
+    /// Effective mode now.
+    pub write_blocking: bool,
+    /// Dirty bytes now.
+    pub dirty_bytes: u64,
+    /// Copy rate, bytes/s.
+    pub copy_rate: u64,
+    /// Dirty rate, bytes/s.
+    pub dirty_rate: u64,
+    /// Bytes/s of guest writes that went to the target.
+    pub guest_sync_rate: u64,
+    /// Synchronous target writes over the latency limit, since the last tick.
+    pub slow_target_writes: u64,
+    /// All synchronous target writes since the last tick.
+    pub target_writes: u64,
+}
+
+/// What the runner should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Switch the effective mode, with the reason for COPY_MODE_CHANGED.
+    SwitchMode {
+        /// Target mode.
+        write_blocking: bool,
+        /// Why.
+        reason: String,
+    },
+    /// Cap guest writes (bytes/s), or stop capping.
+    GuestThrottle(Option<u64>),
+}
+
+/// Policy state of one job.
+#[derive(Debug)]
+pub struct PolicyState {
+    policy: ConvergencePolicy,
+    diverging_since: Option<u64>,
+    last_switch_ms: Option<u64>,
+    dwell_ms: u64,
+    returned_to_background: bool,
+    peak_copy_rate: u64,
+    latency_window_start: u64,
+    latency_slow: u64,
+    latency_total: u64,
+    guard_until: Option<u64>,
+    guard_trips: u32,
+    throttling: bool,
+}
+
+impl PolicyState {
+    /// A fresh state for `policy`.
+    pub fn new(policy: ConvergencePolicy) -> Self {
+        Self {
+            dwell_ms: policy.auto_min_dwell_ms,
+            policy,
+            diverging_since: None,
+            last_switch_ms: None,
+            returned_to_background: false,
+            peak_copy_rate: 0,
+            latency_window_start: 0,
+            latency_slow: 0,
+            latency_total: 0,
+            guard_until: None,
+            guard_trips: 0,
+            throttling: false,
+        }
+    }
+
+    /// True while the target-latency guard holds the job in background mode.
+    pub fn guard_active(&self) -> bool {
+        self.guard_until.is_some()
+    }
+
+    fn dwell_passed(&self, now: u64) -> bool {
+        self.last_switch_ms
+            .is_none_or(|t| now.saturating_sub(t) >= self.dwell_ms)
+    }
+
+    fn switch(&mut self, now: u64, write_blocking: bool, reason: String) -> Action {
+        self.last_switch_ms = Some(now);
+        self.diverging_since = None;
+        Action::SwitchMode {
+            write_blocking,
+            reason,
+        }
+    }
+
+    /// One tick: the actions to apply, in order.
+    pub fn tick(&mut self, s: Sample) -> Vec<Action> {
+        let mut out = Vec::new();
+        if s.status.is_terminal() || s.status == JobStatus::Aborting {
+            return out;
+        }
+        let finishing = matches!(s.status, JobStatus::Waiting | JobStatus::Pending);
+        if !s.write_blocking && s.copy_rate > self.peak_copy_rate {
+            self.peak_copy_rate = s.copy_rate;
+        }
+        let diverging = s.dirty_bytes > 0 && s.dirty_rate >= s.copy_rate;
+        if !s.write_blocking && diverging {
+            self.diverging_since.get_or_insert(s.now_ms);
+        } else {
+            self.diverging_since = None;
+        }
+        let diverged_long = self
+            .diverging_since
+            .is_some_and(|t| s.now_ms.saturating_sub(t) >= self.policy.auto_diverging_window_ms);
+
+        // Target-latency guard.
+        if let Some(until) = self.guard_until {
+            let want_wb = s.requested != CopyMode::Background || finishing;
+            if s.now_ms >= until && want_wb && !s.write_blocking {
+                self.guard_until = None;
+                self.latency_window_start = s.now_ms;
+                self.latency_slow = 0;
+                self.latency_total = 0;
+                out.push(self.switch(
+                    s.now_ms,
+                    true,
+                    "retrying write-blocking after the target-latency guard".into(),
+                ));
+                return out;
+            }
+        } else if self.policy.target_latency_limit_ms > 0 && s.write_blocking && !finishing {
+            self.latency_slow += s.slow_target_writes;
+            self.latency_total += s.target_writes;
+            if s.now_ms.saturating_sub(self.latency_window_start)
+                >= self.policy.target_latency_window_ms
+            {
+                let tripped = self.latency_total >= MIN_LATENCY_SAMPLES
+                    && self.latency_slow * 2 > self.latency_total;
+                let (slow, total) = (self.latency_slow, self.latency_total);
+                self.latency_window_start = s.now_ms;
+                self.latency_slow = 0;
+                self.latency_total = 0;
+                if tripped {
+                    if self.guard_trips > 0 {
+                        // Tripped again right after a retry: wait longer.
+                        self.dwell_ms = (self.dwell_ms * 2).min(MAX_DWELL_MS);
+                    }
+                    self.guard_trips += 1;
+                    self.guard_until = Some(s.now_ms + self.dwell_ms);
+                    out.push(self.switch(
+                        s.now_ms,
+                        false,
+                        format!(
+                            "target latency above {} ms for {slow} of {total} writes",
+                            self.policy.target_latency_limit_ms
+                        ),
+                    ));
+                    return out;
+                }
+            }
+        } else {
+            self.latency_window_start = s.now_ms;
+            self.latency_slow = 0;
+            self.latency_total = 0;
+        }
+
+        // Auto mode.
+        if s.requested == CopyMode::Auto && !finishing && self.guard_until.is_none() {
+            if !s.write_blocking
+                && matches!(s.status, JobStatus::Running | JobStatus::Ready)
+                && self.dwell_passed(s.now_ms)
+            {
+                let timed_out =
+                    s.status == JobStatus::Running && s.now_ms >= self.policy.auto_ready_timeout_ms;
+                if timed_out || diverged_long {
+                    if self.returned_to_background {
+                        self.dwell_ms = (self.dwell_ms * 2).min(MAX_DWELL_MS);
+                        self.returned_to_background = false;
+                    }
+                    let reason = if diverged_long {
+                        format!(
+                            "dirty rate at or above copy rate for {} ms",
+                            self.policy.auto_diverging_window_ms
+                        )
+                    } else {
+                        format!("not ready after {} ms", self.policy.auto_ready_timeout_ms)
+                    };
+                    out.push(self.switch(s.now_ms, true, reason));
+                }
+            } else if s.write_blocking
+                && s.status == JobStatus::Ready
+                && self.dwell_passed(s.now_ms)
+                && s.guest_sync_rate.saturating_mul(2) < self.peak_copy_rate
+            {
+                self.returned_to_background = true;
+                out.push(self.switch(
+                    s.now_ms,
+                    false,
+                    "ready, and guests write at under half the copy rate".into(),
+                ));
+            }
+        }
+
+        // Guest throttling.
+        let throttle = self.policy.guest_throttle_bytes_per_sec > 0
+            && s.status == JobStatus::Running
+            && !s.write_blocking
+            && s.dirty_bytes > 0
+            && s.dirty_bytes < self.policy.guest_throttle_below_bytes;
+        if throttle != self.throttling {
+            self.throttling = throttle;
+            out.push(Action::GuestThrottle(
+                throttle.then_some(self.policy.guest_throttle_bytes_per_sec),
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> ConvergencePolicy {
+        ConvergencePolicy {
+            auto_ready_timeout_ms: 60_000,
+            auto_diverging_window_ms: 1_000,
+            auto_min_dwell_ms: 2_000,
+            target_latency_limit_ms: 0,
+            target_latency_window_ms: 1_000,
+            guest_throttle_bytes_per_sec: 0,
+            guest_throttle_below_bytes: 64 << 20,
+        }
+    }
+
+    fn sample(now_ms: u64, status: JobStatus, wb: bool) -> Sample {
+        Sample {
+            now_ms,
+            status,
+            requested: CopyMode::Auto,
+            write_blocking: wb,
+            dirty_bytes: 1 << 30,
+            copy_rate: 20 << 20,
+            dirty_rate: 40 << 20,
+            guest_sync_rate: 0,
+            slow_target_writes: 0,
+            target_writes: 0,
+        }
+    }
+
+    /// Runs `ticks` ticks of 250 ms, applying mode switches; returns them.
+    fn run(
+        p: &mut PolicyState,
+        start: Sample,
+        ticks: u64,
+        mut wb: bool,
+        f: impl Fn(&Sample) -> Sample,
+    ) -> Vec<(u64, bool)> {
+        let mut switches = Vec::new();
+        for i in 0..ticks {
+            let mut s = f(&Sample {
+                now_ms: start.now_ms + i * 250,
+                write_blocking: wb,
+                ..start
+            });
+            s.write_blocking = wb;
+            for a in p.tick(s) {
+                if let Action::SwitchMode { write_blocking, .. } = a {
+                    wb = write_blocking;
+                    switches.push((s.now_ms, wb));
+                }
+            }
+        }
+        switches
+    }
+
+    #[test]
+    fn diverging_background_switches_after_the_window() {
+        let mut p = PolicyState::new(policy());
+        assert!(p.tick(sample(0, JobStatus::Running, false)).is_empty());
+        assert!(p.tick(sample(500, JobStatus::Running, false)).is_empty());
+        let a = p.tick(sample(1000, JobStatus::Running, false));
+        assert!(
+            matches!(&a[..], [Action::SwitchMode { write_blocking: true, reason }] if reason.contains("dirty rate"))
+        );
+    }
+
+    #[test]
+    fn converging_background_stays_until_the_ready_timeout() {
+        let mut p = PolicyState::new(policy());
+        let conv = |s: &Sample| Sample {
+            dirty_rate: 1 << 20,
+            ..*s
+        };
+        assert!(
+            run(
+                &mut p,
+                sample(0, JobStatus::Running, false),
+                200,
+                false,
+                conv
+            )
+            .is_empty()
+        );
+        let a = p.tick(conv(&sample(60_000, JobStatus::Running, false)));
+        assert!(
+            matches!(&a[..], [Action::SwitchMode { write_blocking: true, reason }] if reason.contains("not ready"))
+        );
+    }
+
+    #[test]
+    fn steady_heavy_load_does_not_flap() {
+        let mut p = PolicyState::new(policy());
+        // Guests write 40 MiB/s; the copier managed 20 MiB/s.
+        let switches = run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            8,
+            false,
+            |s| *s,
+        );
+        assert_eq!(switches, vec![(1000, true)]);
+        // Ready, write-blocking, guests still writing hard: stays.
+        let heavy = |s: &Sample| Sample {
+            status: JobStatus::Ready,
+            dirty_bytes: 0,
+            guest_sync_rate: 40 << 20,
+            copy_rate: 0,
+            dirty_rate: 0,
+            ..*s
+        };
+        let later = run(
+            &mut p,
+            sample(2000, JobStatus::Ready, true),
+            4 * 120,
+            true,
+            heavy,
+        );
+        assert!(later.is_empty(), "{later:?}");
+    }
+
+    #[test]
+    fn light_load_returns_to_background_and_backs_off_if_it_diverges() {
+        let mut p = PolicyState::new(policy());
+        run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            8,
+            false,
+            |s| *s,
+        );
+        let light = |s: &Sample| Sample {
+            status: JobStatus::Ready,
+            dirty_bytes: 0,
+            guest_sync_rate: 1 << 20,
+            copy_rate: 0,
+            dirty_rate: 0,
+            ..*s
+        };
+        let back = run(&mut p, sample(2000, JobStatus::Ready, true), 8, true, light);
+        assert_eq!(
+            back,
+            vec![(3000, false)],
+            "returns once the dwell has passed"
+        );
+        // In background it diverges again: back to write-blocking, and the
+        // dwell doubles before the next return.
+        let diverge = |s: &Sample| Sample {
+            status: JobStatus::Ready,
+            ..*s
+        };
+        let again = run(
+            &mut p,
+            sample(3250, JobStatus::Ready, false),
+            8,
+            false,
+            diverge,
+        );
+        assert_eq!(again.first(), Some(&(5000, true)));
+        let next = run(
+            &mut p,
+            sample(5250, JobStatus::Ready, true),
+            40,
+            true,
+            light,
+        );
+        assert_eq!(next.first(), Some(&(9000, false)), "dwell doubled to 4 s");
+    }
+
+    #[test]
+    fn latency_guard_falls_back_and_retries() {
+        let mut pol = policy();
+        pol.target_latency_limit_ms = 50;
+        let mut p = PolicyState::new(pol);
+        let slow = |s: &Sample| Sample {
+            requested: CopyMode::WriteBlocking,
+            slow_target_writes: 8,
+            target_writes: 10,
+            ..*s
+        };
+        let switches = run(&mut p, sample(0, JobStatus::Running, true), 30, true, slow);
+        // Trips at 1 s, retries after the 2 s dwell, trips again a window
+        // later, and then waits twice as long.
+        assert_eq!(switches, vec![(1000, false), (3000, true), (4000, false)]);
+        let fast = |s: &Sample| Sample {
+            requested: CopyMode::WriteBlocking,
+            slow_target_writes: 0,
+            target_writes: 10,
+            ..*s
+        };
+        let back = run(
+            &mut p,
+            sample(7250, JobStatus::Running, false),
+            30,
+            false,
+            fast,
+        );
+        assert_eq!(
+            back,
+            vec![(8000, true)],
+            "retries once the doubled dwell passed, then stays"
+        );
+    }
+
+    #[test]
+    fn guest_throttle_only_near_the_end_of_a_background_copy() {
+        let mut pol = policy();
+        pol.guest_throttle_bytes_per_sec = 1 << 20;
+        pol.guest_throttle_below_bytes = 8 << 20;
+        let mut p = PolicyState::new(pol);
+        let bg = |dirty| Sample {
+            requested: CopyMode::Background,
+            dirty_bytes: dirty,
+            dirty_rate: 0,
+            ..sample(0, JobStatus::Running, false)
+        };
+        assert!(p.tick(bg(100 << 20)).is_empty());
+        assert_eq!(
+            p.tick(bg(4 << 20)),
+            vec![Action::GuestThrottle(Some(1 << 20))]
+        );
+        assert!(p.tick(bg(2 << 20)).is_empty());
+        let ready = Sample {
+            status: JobStatus::Ready,
+            ..bg(0)
+        };
+        assert_eq!(p.tick(ready), vec![Action::GuestThrottle(None)]);
+    }
+}
