@@ -6,13 +6,17 @@
 //! `"copy_mode": "write-blocking"`), event types as QEMU names
 //! (`"type": "BLOCK_JOB_READY"`), times as RFC 3339 strings, empty strings
 //! that mean "none" as `null`. Byte counts and rates drop the proto's
-//! `_bytes` / `_bytes_per_sec` suffixes (`current_progress`, `copy_rate`).
+//! `_bytes` / `_bytes_per_sec` suffixes (`current_progress`, `copy_rate`,
+//! `guest_throttle`); durations keep `_ms` (`eta_to_ready_ms`). A
+//! convergence forecast is a lowercase name (`"convergence": "converging"`),
+//! `null` when the server sent none.
 
 use blockmirror_proto::v1::{Event, EventType, Export, Job, MirrorSpec, Volume};
 use serde_json::{Map, Value, json};
 
 use crate::names::{
-    copy_mode_name, error_policy_name, event_type_name, job_state_name, sync_mode_name,
+    convergence_name, copy_mode_name, error_policy_name, event_type_name, job_state_name,
+    sync_mode_name,
 };
 use crate::watch::WatchItem;
 
@@ -28,6 +32,8 @@ pub fn job_json(job: &Job) -> Value {
         "dirty_bytes": job.dirty_bytes,
         "copy_rate": job.copy_rate_bytes_per_sec,
         "dirty_rate": job.dirty_rate_bytes_per_sec,
+        "convergence": convergence_name(job.convergence()),
+        "eta_to_ready_ms": job.eta_to_ready_ms,
         "speed": job.speed_bytes_per_sec,
         "error": non_empty(&job.error),
         "in_flight_bytes": job.in_flight_bytes,
@@ -42,7 +48,10 @@ pub fn job_json(job: &Job) -> Value {
 }
 
 /// A mirror spec as a JSON object. Unspecified enums print as the default
-/// they stand for; unset `auto_*` flags as `true`.
+/// they stand for; unset `auto_finalize` / `auto_dismiss` as `true`. The
+/// convergence policy prints as sent: 0 stands for the server's default
+/// (off for `target_latency_limit_ms` and `guest_throttle`); specs in job
+/// records carry the values in effect.
 pub fn spec_json(spec: &MirrorSpec) -> Value {
     json!({
         "source_volume": spec.source_volume,
@@ -57,6 +66,13 @@ pub fn spec_json(spec: &MirrorSpec) -> Value {
         "auto_finalize": spec.auto_finalize.unwrap_or(true),
         "auto_dismiss": spec.auto_dismiss.unwrap_or(true),
         "bitmap": non_empty(&spec.bitmap),
+        "auto_ready_timeout_ms": spec.auto_ready_timeout_ms,
+        "auto_diverging_window_ms": spec.auto_diverging_window_ms,
+        "auto_min_dwell_ms": spec.auto_min_dwell_ms,
+        "target_latency_limit_ms": spec.target_latency_limit_ms,
+        "target_latency_window_ms": spec.target_latency_window_ms,
+        "guest_throttle": spec.guest_throttle_bytes_per_sec,
+        "guest_throttle_below": spec.guest_throttle_below_bytes,
     })
 }
 
@@ -88,7 +104,9 @@ pub fn export_json(export: &Export) -> Value {
 }
 
 /// An event as a JSON object: `sequence`, `time`, `job_id`, `type`, and the
-/// fields that event type carries.
+/// fields that event type carries. Those with progress figures (PROGRESS,
+/// READY, COMPLETED, CANCELLED) carry the forecast too: `convergence` and
+/// `eta_to_ready_ms`.
 pub fn event_json(ev: &Event) -> Value {
     let kind = ev.r#type();
     let mut obj = Map::new();
@@ -102,6 +120,11 @@ pub fn event_json(ev: &Event) -> Value {
         obj.insert("dirty_bytes".into(), ev.dirty_bytes.into());
         obj.insert("copy_rate".into(), ev.copy_rate_bytes_per_sec.into());
         obj.insert("dirty_rate".into(), ev.dirty_rate_bytes_per_sec.into());
+        obj.insert(
+            "convergence".into(),
+            convergence_name(ev.convergence()).into(),
+        );
+        obj.insert("eta_to_ready_ms".into(), ev.eta_to_ready_ms.into());
     };
     match kind {
         EventType::JobStatusChange => {
@@ -176,7 +199,7 @@ fn non_empty(s: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockmirror_proto::v1::{CopyMode, ErrorPolicy, IoLimits, JobState, SyncMode};
+    use blockmirror_proto::v1::{Convergence, CopyMode, ErrorPolicy, IoLimits, JobState, SyncMode};
 
     fn sample_job() -> Job {
         let mut spec = MirrorSpec {
@@ -245,6 +268,69 @@ mod tests {
         assert_eq!(spec["auto_finalize"], true);
         assert_eq!(spec["auto_dismiss"], false);
         assert_eq!(spec["bitmap"], Value::Null);
+        // No forecast in the sample: both null, but present.
+        assert_eq!(v["convergence"], Value::Null);
+        assert_eq!(v["eta_to_ready_ms"], Value::Null);
+        // The policy as sent: 0 = the server's default.
+        for key in [
+            "auto_ready_timeout_ms",
+            "auto_diverging_window_ms",
+            "auto_min_dwell_ms",
+            "target_latency_limit_ms",
+            "target_latency_window_ms",
+            "guest_throttle",
+            "guest_throttle_below",
+        ] {
+            assert_eq!(spec[key], 0, "{key}");
+        }
+    }
+
+    #[test]
+    fn job_convergence_and_eta() {
+        let mut job = sample_job();
+        for (c, name) in [
+            (Convergence::Converging, "converging"),
+            (Convergence::Stalled, "stalled"),
+            (Convergence::Diverging, "diverging"),
+            (Convergence::Synced, "synced"),
+        ] {
+            job.set_convergence(c);
+            assert_eq!(job_json(&job)["convergence"], name);
+        }
+        job.set_convergence(Convergence::Converging);
+        job.eta_to_ready_ms = Some(12_345);
+        let v = job_json(&job);
+        assert_eq!(v["convergence"], "converging");
+        assert_eq!(v["eta_to_ready_ms"], 12_345);
+        job.set_convergence(Convergence::Synced);
+        job.eta_to_ready_ms = Some(0);
+        assert_eq!(job_json(&job)["eta_to_ready_ms"], 0);
+        // An unknown enum value from a newer server: no forecast.
+        job.convergence = 99;
+        assert_eq!(job_json(&job)["convergence"], Value::Null);
+    }
+
+    #[test]
+    fn spec_convergence_policy() {
+        let spec = MirrorSpec {
+            auto_ready_timeout_ms: 30_000,
+            auto_diverging_window_ms: 2_500,
+            auto_min_dwell_ms: 500,
+            target_latency_limit_ms: 50,
+            target_latency_window_ms: 4_000,
+            guest_throttle_bytes_per_sec: 10 << 20,
+            guest_throttle_below_bytes: 256 << 20,
+            ..MirrorSpec::default()
+        };
+        let v = spec_json(&spec);
+        assert_eq!(v["auto_ready_timeout_ms"], 30_000);
+        assert_eq!(v["auto_diverging_window_ms"], 2_500);
+        assert_eq!(v["auto_min_dwell_ms"], 500);
+        assert_eq!(v["target_latency_limit_ms"], 50);
+        assert_eq!(v["target_latency_window_ms"], 4_000);
+        assert_eq!(v["guest_throttle"], 10 << 20);
+        assert_eq!(v["guest_throttle_below"], 256 << 20);
+        assert!(v.get("guest_throttle_bytes_per_sec").is_none());
     }
 
     #[test]
@@ -331,6 +417,7 @@ mod tests {
         ev.set_to_mode(CopyMode::WriteBlocking);
         ev.reason = "complete requested".into();
         let v = event_json(&ev);
+        assert!(v.get("convergence").is_none());
         assert_eq!(v["from_mode"], "background");
         assert_eq!(v["to_mode"], "write-blocking");
         assert_eq!(v["reason"], "complete requested");
@@ -351,6 +438,51 @@ mod tests {
                 &json!("EIO")
             )
         );
+    }
+
+    #[test]
+    fn progress_events_carry_the_forecast() {
+        let mut ev = Event {
+            sequence: 8,
+            job_id: "j1".into(),
+            current_progress_bytes: 100,
+            total_progress_bytes: 400,
+            dirty_bytes: 300,
+            copy_rate_bytes_per_sec: 50,
+            dirty_rate_bytes_per_sec: 25,
+            eta_to_ready_ms: Some(12_000),
+            ..Event::default()
+        };
+        ev.set_type(EventType::Progress);
+        ev.set_convergence(Convergence::Converging);
+        let v = event_json(&ev);
+        assert_eq!(v["type"], "PROGRESS");
+        assert_eq!(v["dirty_bytes"], 300);
+        assert_eq!(v["convergence"], "converging");
+        assert_eq!(v["eta_to_ready_ms"], 12_000);
+
+        ev.set_convergence(Convergence::Diverging);
+        ev.eta_to_ready_ms = None;
+        let v = event_json(&ev);
+        assert_eq!(v["convergence"], "diverging");
+        assert_eq!(v["eta_to_ready_ms"], Value::Null);
+        assert!(v.as_object().unwrap().contains_key("eta_to_ready_ms"));
+
+        // Older servers send no forecast: null, not a made-up name.
+        ev.set_convergence(Convergence::Unspecified);
+        assert_eq!(event_json(&ev)["convergence"], Value::Null);
+
+        ev.set_type(EventType::BlockJobReady);
+        ev.set_convergence(Convergence::Synced);
+        ev.eta_to_ready_ms = Some(0);
+        let v = event_json(&ev);
+        assert_eq!(
+            (&v["convergence"], &v["eta_to_ready_ms"]),
+            (&json!("synced"), &json!(0))
+        );
+
+        ev.set_type(EventType::JobStatusChange);
+        assert!(event_json(&ev).get("convergence").is_none());
     }
 
     #[test]

@@ -28,8 +28,8 @@
 //! - [`view`]: [`JobView`], a job's live state folded from events, and
 //!   [`JobEnd`], how it finished.
 //! - [`wait`]: [`Client::wait_for_job`], waiting for job states.
-//! - [`names`]: lowercase names of states, modes and policies, QEMU event
-//!   names.
+//! - [`names`]: lowercase names of states, modes, policies and convergence
+//!   forecasts, QEMU event names.
 //! - [`json`]: the JSON forms of jobs, volumes, exports and events.
 //! - [`size`]: [`parse_size`] and [`format_size`] (`64K`, `1.5 GiB`).
 //! - [`error`]: the error type, [`ClientError`].

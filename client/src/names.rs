@@ -1,6 +1,7 @@
 //! The names people and scripts use for the proto enums: lowercase QEMU job
 //! states (`running`, `ready`, `concluded`), lowercase copy modes
-//! (`write-blocking`), QEMU event names (`BLOCK_JOB_READY`).
+//! (`write-blocking`), QEMU event names (`BLOCK_JOB_READY`), convergence
+//! forecasts (`converging`).
 //!
 //! The proto's `*_UNSPECIFIED` values of the spec enums stand for a
 //! documented default (background, full, report); they print as that
@@ -9,7 +10,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use blockmirror_proto::v1::{CopyMode, ErrorPolicy, EventType, JobState, SyncMode};
+use blockmirror_proto::v1::{Convergence, CopyMode, ErrorPolicy, EventType, JobState, SyncMode};
 
 /// Every job state a job can be in, in life-cycle order.
 pub const JOB_STATES: [JobState; 10] = [
@@ -128,6 +129,19 @@ pub fn event_type_name(kind: EventType) -> &'static str {
     }
 }
 
+/// The lowercase name of a convergence forecast: `converging`, `stalled`,
+/// `diverging`, `synced`. `None` for unspecified (no forecast: an older
+/// server, or a record that carries none).
+pub fn convergence_name(convergence: Convergence) -> Option<&'static str> {
+    match convergence {
+        Convergence::Unspecified => None,
+        Convergence::Converging => Some("converging"),
+        Convergence::Stalled => Some("stalled"),
+        Convergence::Diverging => Some("diverging"),
+        Convergence::Synced => Some("synced"),
+    }
+}
+
 /// Whether a job in this state has finished for good (`concluded` or
 /// `null`): it will not copy, pivot or change state again except to be
 /// dismissed.
@@ -200,6 +214,16 @@ mod tests {
                 proto.strip_prefix("EVENT_TYPE_"),
                 Some(event_type_name(kind))
             );
+        }
+    }
+
+    #[test]
+    fn convergence_names_match_the_proto_in_lowercase() {
+        assert_eq!(convergence_name(Convergence::Unspecified), None);
+        for i in 1..=4 {
+            let c = Convergence::try_from(i).expect("1..=4 are all defined");
+            let proto = c.as_str_name().to_ascii_lowercase();
+            assert_eq!(proto.strip_prefix("convergence_"), convergence_name(c));
         }
     }
 

@@ -18,8 +18,9 @@
 //! scripted sequences.
 
 use std::fmt;
+use std::time::Duration;
 
-use blockmirror_proto::v1::{CopyMode, Event, EventType, Job, JobState};
+use blockmirror_proto::v1::{Convergence, CopyMode, Event, EventType, Job, JobState};
 
 use crate::names::{is_final_state, job_state_name};
 
@@ -97,6 +98,12 @@ pub struct JobView {
     pub copy_rate: u64,
     /// Rate at which guests dirty chunks, bytes per second.
     pub dirty_rate: u64,
+    /// The server's forecast; `Unspecified` when it sent none (an older
+    /// server).
+    pub convergence: Convergence,
+    /// The server's estimate of the time to READY, in milliseconds; `None`
+    /// when it cannot estimate one (stalled, diverging) or sent none.
+    pub eta_to_ready_ms: Option<u64>,
     /// Last error, if any.
     pub error: Option<String>,
     /// Sequence of the newest record or event applied.
@@ -121,6 +128,8 @@ impl JobView {
             dirty_bytes: 0,
             copy_rate: 0,
             dirty_rate: 0,
+            convergence: Convergence::Unspecified,
+            eta_to_ready_ms: None,
             error: None,
             last_sequence: 0,
             end: None,
@@ -146,6 +155,8 @@ impl JobView {
             self.dirty_bytes = job.dirty_bytes;
             self.copy_rate = job.copy_rate_bytes_per_sec;
             self.dirty_rate = job.dirty_rate_bytes_per_sec;
+            self.convergence = job.convergence();
+            self.eta_to_ready_ms = job.eta_to_ready_ms;
             self.error = (!job.error.is_empty()).then(|| job.error.clone());
         }
         if is_final_state(state) && self.end.is_none() {
@@ -155,11 +166,15 @@ impl JobView {
 
     /// Applies one event of this job.
     pub fn apply_event(&mut self, ev: &Event) {
-        let fresh = ev.sequence > self.last_sequence;
+        let kind = ev.r#type();
+        // PROGRESS samples are not numbered: they carry the latest numbered
+        // sequence and are never replayed, so one at the current sequence
+        // was taken after everything applied so far.
+        let fresh = ev.sequence > self.last_sequence
+            || (kind == EventType::Progress && ev.sequence == self.last_sequence);
         if fresh {
             self.last_sequence = ev.sequence;
         }
-        let kind = ev.r#type();
         match kind {
             EventType::JobStatusChange => {
                 let state = ev.state();
@@ -218,6 +233,8 @@ impl JobView {
             self.dirty_bytes = ev.dirty_bytes;
             self.copy_rate = ev.copy_rate_bytes_per_sec;
             self.dirty_rate = ev.dirty_rate_bytes_per_sec;
+            self.convergence = ev.convergence();
+            self.eta_to_ready_ms = ev.eta_to_ready_ms;
         }
     }
 
@@ -248,10 +265,22 @@ impl JobView {
     }
 
     /// Estimated time to copy what is left at the current copy rate, in
-    /// whole seconds; `None` when nothing is being copied.
+    /// whole seconds; `None` when nothing is being copied. Ignores the
+    /// guests' dirty rate; see [`JobView::eta_to_ready`].
     pub fn eta_secs(&self) -> Option<u64> {
         let left = self.total_progress.saturating_sub(self.current_progress);
         (self.copy_rate > 0 && left > 0).then(|| left.div_ceil(self.copy_rate))
+    }
+
+    /// Estimated time until the job is ready: the server's forecast when it
+    /// sends one (`None` while it cannot estimate, e.g. diverging), else
+    /// (an older server) the time to copy what is left at the copy rate.
+    pub fn eta_to_ready(&self) -> Option<Duration> {
+        if self.convergence == Convergence::Unspecified && self.eta_to_ready_ms.is_none() {
+            self.eta_secs().map(Duration::from_secs)
+        } else {
+            self.eta_to_ready_ms.map(Duration::from_millis)
+        }
     }
 
     /// The lowercase name of the current state.
@@ -271,6 +300,8 @@ impl JobView {
             job.dirty_bytes = self.dirty_bytes;
             job.copy_rate_bytes_per_sec = self.copy_rate;
             job.dirty_rate_bytes_per_sec = self.dirty_rate;
+            job.set_convergence(self.convergence);
+            job.eta_to_ready_ms = self.eta_to_ready_ms;
             if let Some(error) = &self.error {
                 job.error.clone_from(error);
             }
@@ -340,6 +371,75 @@ pub(crate) mod tests {
         assert_eq!(v.eta_secs(), Some(10));
         assert!(v.has_seen(JobState::Created) && v.has_seen(JobState::Running));
         assert!(!v.is_finished());
+    }
+
+    #[test]
+    fn progress_samples_at_the_current_sequence_count() {
+        // The server numbers only history events; PROGRESS carries the
+        // latest number, so several samples share it.
+        let mut v = JobView::from_job(&job("j", JobState::Running, 2));
+        for (copied, eta) in [(10, 9_000), (20, 8_000)] {
+            let mut p = event("j", 2, EventType::Progress);
+            p.current_progress_bytes = copied;
+            p.total_progress_bytes = 100;
+            p.set_convergence(Convergence::Converging);
+            p.eta_to_ready_ms = Some(eta);
+            v.apply_event(&p);
+            assert_eq!(v.current_progress, copied);
+            assert_eq!(v.eta_to_ready_ms, Some(eta));
+        }
+        assert_eq!(v.last_sequence, 2);
+        // Any other event at an old sequence is a replay and changes nothing.
+        let mut ready = event("j", 2, EventType::BlockJobReady);
+        ready.current_progress_bytes = 1;
+        v.apply_event(&ready);
+        assert_eq!(v.current_progress, 20);
+        assert_eq!(v.state, JobState::Running);
+    }
+
+    #[test]
+    fn follows_the_forecast() {
+        let mut j = job("j", JobState::Running, 1);
+        j.total_progress_bytes = 100;
+        j.copy_rate_bytes_per_sec = 10;
+        // An older server: no forecast, so the copy-rate estimate.
+        let mut v = JobView::from_job(&j);
+        assert_eq!(v.convergence, Convergence::Unspecified);
+        assert_eq!(v.eta_to_ready(), Some(Duration::from_secs(10)));
+
+        let mut p = event("j", 2, EventType::Progress);
+        p.total_progress_bytes = 100;
+        p.copy_rate_bytes_per_sec = 10;
+        p.set_convergence(Convergence::Converging);
+        p.eta_to_ready_ms = Some(12_500);
+        v.apply_event(&p);
+        assert_eq!(v.convergence, Convergence::Converging);
+        assert_eq!(v.eta_to_ready(), Some(Duration::from_millis(12_500)));
+
+        // Diverging: the server has no estimate, and neither do we.
+        p.sequence = 3;
+        p.set_convergence(Convergence::Diverging);
+        p.eta_to_ready_ms = None;
+        v.apply_event(&p);
+        assert_eq!(v.convergence, Convergence::Diverging);
+        assert_eq!(v.eta_to_ready(), None);
+
+        // A replayed older event does not bring the old forecast back.
+        let mut old = p.clone();
+        old.sequence = 2;
+        old.set_convergence(Convergence::Converging);
+        old.eta_to_ready_ms = Some(1);
+        v.apply_event(&old);
+        assert_eq!(v.convergence, Convergence::Diverging);
+
+        // Status changes carry no forecast and keep it.
+        v.apply_event(&status("j", 4, JobState::Paused));
+        assert_eq!(v.convergence, Convergence::Diverging);
+
+        let mut rec = job("j", JobState::Running, 1);
+        v.merge_into(&mut rec);
+        assert_eq!(rec.convergence(), Convergence::Diverging);
+        assert_eq!(rec.eta_to_ready_ms, None);
     }
 
     #[test]

@@ -45,30 +45,26 @@ impl Convergence {
         }
     }
 
-    /// The forecast from dirty bytes and the two rates (bytes/s), with the
-    /// estimated milliseconds to READY when it is converging.
-    pub fn forecast(
-        dirty: u64,
-        copy_rate: u64,
-        dirty_rate: u64,
-        write_blocking: bool,
-    ) -> (Self, Option<u64>) {
+    /// The forecast from dirty bytes, the copy rate and the net rate at
+    /// which dirty bytes shrank over the last few seconds (bytes/s; `None`
+    /// before there is a trend), with the estimated milliseconds to READY
+    /// when converging. Shrinking by less than a twentieth of the copy rate
+    /// counts as diverging: the copier is running in place.
+    pub fn forecast(dirty: u64, copy_rate: u64, net_rate: Option<i64>) -> (Self, Option<u64>) {
         if dirty == 0 {
             return (Self::Synced, Some(0));
         }
-        // In write-blocking mode guests cannot dirty clean chunks, so the
-        // dirty rate only reflects writes to chunks that are dirty already.
-        let net = if write_blocking {
-            copy_rate
-        } else {
-            copy_rate.saturating_sub(dirty_rate)
+        let Some(net) = net_rate else {
+            return (Self::Converging, None);
         };
-        if copy_rate == 0 {
+        let floor = i64::try_from(copy_rate / 20).unwrap_or(i64::MAX).max(1);
+        if copy_rate == 0 && net <= 0 {
             (Self::Stalled, None)
-        } else if net == 0 {
+        } else if net < floor {
             (Self::Diverging, None)
         } else {
-            let ms = u128::from(dirty) * 1000 / u128::from(net);
+            // net >= 1 here.
+            let ms = u128::from(dirty) * 1000 / u128::from(net.unsigned_abs());
             (
                 Self::Converging,
                 Some(u64::try_from(ms).unwrap_or(u64::MAX)),

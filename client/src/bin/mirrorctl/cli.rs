@@ -27,6 +27,31 @@ TARGET is passed to blockmirrord as given:
   nbd+unix:///EXPORT?socket=PATH   a remote NBD export on a unix socket (path as the server sees it)
 The server decides which forms it supports and answers INVALID_ARGUMENT for the others.";
 
+const CONVERGENCE_HELP: &str = "\
+Convergence: a background copy finishes only if the copier outruns the guests.
+  Auto mode (--mode auto) starts in background mode, where guests pay nothing
+  for the copy, and switches to write-blocking, which always converges, when
+  the job would not converge: no READY within --auto-ready-timeout [60s], or
+  guests dirtying at least as fast as the copier copies (dirty rate >= copy
+  rate) for --auto-diverging-window [5s]. After READY it returns to background
+  once guests write at under half the copy rate, so they stop paying target
+  latency. No automatic switch comes sooner than --auto-min-dwell [10s] after
+  the previous one, and the dwell doubles (up to 10 min) each time a return to
+  background diverges again: a steady heavy load stays write-blocking instead
+  of flapping. The --auto-* options also count after `job change --mode auto`.
+
+  Target-latency guard (off by default; write-blocking and auto jobs): when
+  synchronous target writes take longer than --target-latency-limit MS for most
+  of a --target-latency-window [2s], the job falls back to background (the
+  copier carries the chunks) and retries write-blocking after the dwell time,
+  which doubles each time the guard trips again.
+
+  Guest throttling (off by default): with --guest-throttle RATE, once a job in
+  background mode has fewer dirty bytes than --guest-throttle-below [64M], guest
+  writes are capped at RATE until READY, so the copier catches up. The
+  trade-off: guests give up write bandwidth for the last stretch, for a job
+  that finishes instead of chasing guests that write as fast as it copies.";
+
 const NBD_URI_HELP: &str = "\
 NBD_URI names a remote NBD export; blockmirrord connects to it:
   nbd://HOST[:PORT]/EXPORT         over TCP (default port 10809)
@@ -237,7 +262,10 @@ pub(crate) enum MirrorCmd {
     /// Start mirroring a volume to a target while guests keep using it, and
     /// print the job. Idempotent: the same --job with the same options
     /// returns the existing job.
-    #[command(after_help = format!("{TARGET_HELP}\n\n{SIZES_HELP}"))]
+    #[command(
+        after_help = format!("{TARGET_HELP}\n\n{SIZES_HELP}"),
+        after_long_help = format!("{TARGET_HELP}\n\n{CONVERGENCE_HELP}\n\n{SIZES_HELP}")
+    )]
     Start(StartArgs),
 }
 
@@ -290,7 +318,81 @@ pub(crate) struct StartArgs {
     /// a progress bar on a terminal.
     #[arg(long, value_enum, value_name = "UNTIL")]
     pub(crate) wait: Option<WaitArg>,
+    /// Auto mode: switch to write-blocking when not ready after SECS
+    /// (fractions allowed); default 60.
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = parse_policy_secs,
+        allow_hyphen_values = true,
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) auto_ready_timeout: Option<u64>,
+    /// Auto mode: switch to write-blocking when guests dirty chunks at least
+    /// as fast as the copier copies them for SECS; default 5.
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = parse_policy_secs,
+        allow_hyphen_values = true,
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) auto_diverging_window: Option<u64>,
+    /// Least time between two automatic mode switches, in SECS; doubles
+    /// each time a return to background diverges again; default 10.
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = parse_policy_secs,
+        allow_hyphen_values = true,
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) auto_min_dwell: Option<u64>,
+    /// Target-latency guard: fall back to background when synchronous target
+    /// writes take longer than MS milliseconds for most of a window, and
+    /// retry write-blocking after the dwell; default 0 = off.
+    #[arg(
+        long,
+        value_name = "MS",
+        value_parser = parse_millis,
+        allow_hyphen_values = true,
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) target_latency_limit: Option<u64>,
+    /// The window the target-latency guard judges, in SECS; default 2.
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = parse_policy_secs,
+        allow_hyphen_values = true,
+        requires = "target_latency_limit",
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) target_latency_window: Option<u64>,
+    /// Guest throttling: cap guest writes at RATE once dirty bytes fall
+    /// under --guest-throttle-below, until ready; default 0 = off.
+    #[arg(
+        long,
+        value_name = "RATE",
+        value_parser = parse_size,
+        allow_hyphen_values = true,
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) guest_throttle: Option<u64>,
+    /// Dirty bytes (SIZE) under which --guest-throttle starts; default 64M.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = parse_nonzero_size,
+        allow_hyphen_values = true,
+        requires = "guest_throttle",
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) guest_throttle_below: Option<u64>,
 }
+
+/// The heading of the convergence options in `mirror start --help`.
+const CONVERGENCE_HEADING: &str = "Convergence";
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum JobCmd {
@@ -476,7 +578,7 @@ pub(crate) enum ModeArg {
     #[value(alias = "write_blocking")]
     WriteBlocking,
     /// Start in background, switch to write-blocking when the copy would
-    /// not converge.
+    /// not converge (the Convergence options tune when).
     Auto,
 }
 
@@ -605,6 +707,42 @@ pub(crate) fn parse_secs(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("invalid number of seconds {s:?}"))?;
     Duration::try_from_secs_f64(secs)
         .map_err(|_| format!("invalid number of seconds {s:?}: must be finite and not negative"))
+}
+
+/// Parses a convergence-policy duration in seconds (fractions allowed) to
+/// whole milliseconds, rounded. Refuses 0 and anything under half a
+/// millisecond: the proto's 0 means "the server's default", which is what
+/// leaving the option out already says.
+pub(crate) fn parse_policy_secs(s: &str) -> Result<u64, String> {
+    let d = parse_secs(s)?;
+    let ms = u64::try_from((d.as_nanos() + 500_000) / 1_000_000)
+        .map_err(|_| format!("{s:?} seconds is too long"))?;
+    if ms == 0 {
+        return Err(format!(
+            "{s:?} seconds rounds to 0 ms, which would mean the server's default: give at least \
+             0.001, or leave the option out"
+        ));
+    }
+    Ok(ms)
+}
+
+/// Parses a whole number of milliseconds.
+pub(crate) fn parse_millis(s: &str) -> Result<u64, String> {
+    s.trim().parse().map_err(|_| {
+        format!("invalid number of milliseconds {s:?}: expected a whole number like 50")
+    })
+}
+
+/// Parses a SIZE that must not be 0 (where the proto's 0 means "the
+/// server's default").
+pub(crate) fn parse_nonzero_size(s: &str) -> Result<u64, String> {
+    match parse_size(s) {
+        Ok(0) => Err(format!(
+            "size {s:?} is 0, which would mean the server's default: leave the option out instead"
+        )),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -973,6 +1111,222 @@ mod tests {
             err(&["mirror", "start", "s"]).kind(),
             ErrorKind::MissingRequiredArgument
         );
+    }
+
+    #[test]
+    fn mirror_start_convergence_policy() {
+        let cli = ok(&[
+            "mirror",
+            "start",
+            "s",
+            "--target",
+            "volume:t",
+            "--mode",
+            "auto",
+            "--auto-ready-timeout",
+            "90",
+            "--auto-diverging-window",
+            "0.5",
+            "--auto-min-dwell",
+            "2.25",
+            "--target-latency-limit",
+            "40",
+            "--target-latency-window",
+            "1.5",
+            "--guest-throttle",
+            "10M",
+            "--guest-throttle-below",
+            "256M",
+        ]);
+        let Command::Mirror(MirrorCmd::Start(a)) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(a.auto_ready_timeout, Some(90_000));
+        assert_eq!(a.auto_diverging_window, Some(500));
+        assert_eq!(a.auto_min_dwell, Some(2_250));
+        assert_eq!(a.target_latency_limit, Some(40));
+        assert_eq!(a.target_latency_window, Some(1_500));
+        assert_eq!(a.guest_throttle, Some(10 << 20));
+        assert_eq!(a.guest_throttle_below, Some(256 << 20));
+
+        // None of them given: all unset.
+        let cli = ok(&["mirror", "start", "s", "--target", "volume:t"]);
+        let Command::Mirror(MirrorCmd::Start(a)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                a.auto_ready_timeout,
+                a.auto_diverging_window,
+                a.auto_min_dwell,
+                a.target_latency_limit,
+                a.target_latency_window,
+                a.guest_throttle,
+                a.guest_throttle_below,
+            ),
+            (None, None, None, None, None, None, None)
+        );
+
+        // 0 switches the guard and the throttle off explicitly.
+        let cli = ok(&[
+            "mirror",
+            "start",
+            "s",
+            "--target",
+            "volume:t",
+            "--target-latency-limit",
+            "0",
+            "--guest-throttle",
+            "0",
+        ]);
+        let Command::Mirror(MirrorCmd::Start(a)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (a.target_latency_limit, a.guest_throttle),
+            (Some(0), Some(0))
+        );
+
+        // The policy also counts after a later `job change --mode auto`,
+        // so the auto options do not need --mode auto.
+        ok(&[
+            "mirror",
+            "start",
+            "s",
+            "--target",
+            "volume:t",
+            "--auto-ready-timeout",
+            "30",
+        ]);
+    }
+
+    #[test]
+    fn mirror_start_bad_convergence_values() {
+        let base = ["mirror", "start", "s", "--target", "volume:t"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            err(&v)
+        };
+        for flag in [
+            "--auto-ready-timeout",
+            "--auto-diverging-window",
+            "--auto-min-dwell",
+        ] {
+            // 0 (and what rounds to it) would mean the server's default.
+            for bad in [
+                "0", "0.0001", "-1", "-0.5", "soon", "", "NaN", "inf", "1e300",
+            ] {
+                let e = with(&[flag, bad]);
+                assert_eq!(e.kind(), ErrorKind::ValueValidation, "{flag} {bad}");
+                assert_eq!(e.exit_code(), 2);
+            }
+        }
+        let e = with(&["--auto-ready-timeout", "0"]).to_string();
+        assert!(e.contains("leave the option out"), "{e}");
+        for bad in ["-1", "1.5", "40ms", "fast", ""] {
+            assert_eq!(
+                with(&["--target-latency-limit", bad]).kind(),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        let limit = ["--target-latency-limit", "40"];
+        for bad in ["0", "-2", "x"] {
+            assert_eq!(
+                with(&[&limit[..], &["--target-latency-window", bad]].concat()).kind(),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        for bad in ["fast", "-1M", "12Q", "0.1K"] {
+            assert_eq!(
+                with(&["--guest-throttle", bad]).kind(),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        let throttle = ["--guest-throttle", "10M"];
+        for bad in ["0", "-64M", "lots"] {
+            assert_eq!(
+                with(&[&throttle[..], &["--guest-throttle-below", bad]].concat()).kind(),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        // A window without a limit, a threshold without a rate: nothing to
+        // apply them to.
+        assert_eq!(
+            with(&["--target-latency-window", "2"]).kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            with(&["--guest-throttle-below", "64M"]).kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            with(&["--auto-ready-timeout"]).kind(),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn policy_parsers() {
+        assert_eq!(parse_policy_secs("60"), Ok(60_000));
+        assert_eq!(parse_policy_secs("0.5"), Ok(500));
+        assert_eq!(parse_policy_secs(" 2.5 "), Ok(2_500));
+        assert_eq!(parse_policy_secs("0.001"), Ok(1));
+        // Rounded to the nearest millisecond.
+        assert_eq!(parse_policy_secs("0.0015"), Ok(2));
+        assert_eq!(parse_policy_secs("1.0004"), Ok(1_000));
+        assert!(parse_policy_secs("0").is_err());
+        assert!(parse_policy_secs("0.0004").is_err());
+        assert!(parse_policy_secs("1e17").is_err());
+        assert_eq!(parse_millis("0"), Ok(0));
+        assert_eq!(parse_millis("250"), Ok(250));
+        assert!(parse_millis("2.5").is_err());
+        assert_eq!(parse_nonzero_size("64M"), Ok(64 << 20));
+        assert!(parse_nonzero_size("0").is_err());
+        assert!(parse_nonzero_size("-1").is_err());
+    }
+
+    #[test]
+    fn help_explains_convergence() {
+        let help = long_help(&["mirror", "start"]);
+        for needle in [
+            "--auto-ready-timeout <SECS>",
+            "--auto-diverging-window <SECS>",
+            "--auto-min-dwell <SECS>",
+            "--target-latency-limit <MS>",
+            "--target-latency-window <SECS>",
+            "--guest-throttle <RATE>",
+            "--guest-throttle-below <SIZE>",
+            "Convergence",
+            "starts in background mode",
+            "dirty rate >= copy",
+            "under half the copy rate",
+            "dwell doubles",
+            "Target-latency guard",
+            "Guest throttling (off by default)",
+            "trade-off",
+            "binary suffix",
+            "nbd://HOST[:PORT]/EXPORT",
+        ] {
+            assert!(help.contains(needle), "{needle}: {help}");
+        }
+        // The short help stays short: flags, targets and sizes only.
+        let mut cmd = Cli::command();
+        let start = cmd
+            .find_subcommand_mut("mirror")
+            .and_then(|m| m.find_subcommand_mut("start"))
+            .expect("mirror start exists");
+        let short = start.render_help().to_string();
+        assert!(short.contains("--guest-throttle <RATE>"), "{short}");
+        assert!(
+            !short.contains("Guest throttling (off by default)"),
+            "{short}"
+        );
+        assert!(short.contains("binary suffix"), "{short}");
     }
 
     #[test]

@@ -257,8 +257,8 @@ async fn export(client: &Client, p: Printer, cmd: &ExportCmd) -> anyhow::Result<
     Ok(())
 }
 
-/// The spec `mirror start` sends. Options not given stay unspecified, so
-/// the server's documented defaults apply.
+/// The spec `mirror start` sends. Options not given stay unspecified (0 for
+/// the convergence policy), so the server's documented defaults apply.
 fn mirror_spec(args: &StartArgs) -> MirrorSpec {
     let mut spec = MirrorSpec {
         source_volume: args.source.clone(),
@@ -269,6 +269,13 @@ fn mirror_spec(args: &StartArgs) -> MirrorSpec {
         auto_finalize: args.no_auto_finalize.then_some(false),
         auto_dismiss: args.no_auto_dismiss.then_some(false),
         bitmap: args.bitmap.clone().unwrap_or_default(),
+        auto_ready_timeout_ms: args.auto_ready_timeout.unwrap_or(0),
+        auto_diverging_window_ms: args.auto_diverging_window.unwrap_or(0),
+        auto_min_dwell_ms: args.auto_min_dwell.unwrap_or(0),
+        target_latency_limit_ms: args.target_latency_limit.unwrap_or(0),
+        target_latency_window_ms: args.target_latency_window.unwrap_or(0),
+        guest_throttle_bytes_per_sec: args.guest_throttle.unwrap_or(0),
+        guest_throttle_below_bytes: args.guest_throttle_below.unwrap_or(0),
         ..MirrorSpec::default()
     };
     if let Some(mode) = args.mode {
@@ -725,6 +732,59 @@ mod tests {
         assert_eq!(spec.auto_finalize, None);
         assert_eq!(spec.auto_dismiss, Some(false));
         assert_eq!(spec.granularity_bytes, 0);
+        // Convergence options not given: 0 = the server's defaults.
+        assert_eq!(
+            (
+                spec.auto_ready_timeout_ms,
+                spec.auto_diverging_window_ms,
+                spec.auto_min_dwell_ms,
+                spec.target_latency_limit_ms,
+                spec.target_latency_window_ms,
+                spec.guest_throttle_bytes_per_sec,
+                spec.guest_throttle_below_bytes,
+            ),
+            (0, 0, 0, 0, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn spec_convergence_policy_from_flags() {
+        let cli = cli::parse_from([
+            "mirrorctl",
+            "mirror",
+            "start",
+            "src",
+            "--target",
+            "volume:dst",
+            "--mode",
+            "auto",
+            "--auto-ready-timeout",
+            "90",
+            "--auto-diverging-window",
+            "2.5",
+            "--auto-min-dwell",
+            "0.5",
+            "--target-latency-limit",
+            "40",
+            "--target-latency-window",
+            "3",
+            "--guest-throttle",
+            "20M",
+            "--guest-throttle-below",
+            "128M",
+        ])
+        .unwrap();
+        let Command::Mirror(MirrorCmd::Start(args)) = cli.command else {
+            panic!()
+        };
+        let spec = mirror_spec(&args);
+        assert_eq!(spec.auto_ready_timeout_ms, 90_000);
+        assert_eq!(spec.auto_diverging_window_ms, 2_500);
+        assert_eq!(spec.auto_min_dwell_ms, 500);
+        assert_eq!(spec.target_latency_limit_ms, 40);
+        assert_eq!(spec.target_latency_window_ms, 3_000);
+        assert_eq!(spec.guest_throttle_bytes_per_sec, 20 << 20);
+        assert_eq!(spec.guest_throttle_below_bytes, 128 << 20);
     }
 
     #[test]

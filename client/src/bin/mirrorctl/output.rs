@@ -7,9 +7,10 @@ use std::io::{self, Write};
 
 use blockmirror_client::json::{export_json, job_json, volume_json, watch_item_json};
 use blockmirror_client::names::{
-    copy_mode_name, error_policy_name, event_type_name, job_state_name, sync_mode_name,
+    convergence_name, copy_mode_name, error_policy_name, event_type_name, job_state_name,
+    sync_mode_name,
 };
-use blockmirror_client::proto::{Event, EventType, Export, Job, Volume};
+use blockmirror_client::proto::{Convergence, Event, EventType, Export, Job, Volume};
 use blockmirror_client::{WatchItem, format_rate, format_size};
 use serde_json::Value;
 
@@ -167,6 +168,64 @@ fn progress_cell(job: &Job) -> String {
     )
 }
 
+/// `45s`, `3m05s`, `2h07m`.
+pub(crate) fn format_eta(secs: u64) -> String {
+    if secs < 60 {
+        format!("{secs}s")
+    } else if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
+    }
+}
+
+/// Whole seconds, rounded up, so a forecast under a second reads `~1s`.
+fn eta_secs(ms: u64) -> u64 {
+    ms.div_ceil(1000)
+}
+
+/// A forecast for people: `converging, ready in ~12s`, `converging`,
+/// `stalled`, `diverging`, `synced`; `-` when the server sent none.
+pub(crate) fn convergence_text(convergence: Convergence, eta_ms: Option<u64>) -> String {
+    let eta = eta_ms
+        .filter(|ms| *ms > 0)
+        .map(|ms| format!("ready in ~{}", format_eta(eta_secs(ms))));
+    match (convergence_name(convergence), eta) {
+        (Some(name), Some(eta)) if convergence == Convergence::Converging => {
+            format!("{name}, {eta}")
+        }
+        (Some(name), _) => name.to_owned(),
+        (None, Some(eta)) => eta,
+        (None, None) => "-".to_owned(),
+    }
+}
+
+/// The forecast as a table cell: `converging ~12s`, `diverging`, `-`.
+fn convergence_cell(convergence: Convergence, eta_ms: Option<u64>) -> String {
+    let name = convergence_name(convergence).unwrap_or("-");
+    match eta_ms.filter(|ms| *ms > 0) {
+        Some(ms) if convergence == Convergence::Converging => {
+            format!("{name} ~{}", format_eta(eta_secs(ms)))
+        }
+        _ => name.to_owned(),
+    }
+}
+
+/// `500 ms`, `2.5 s`, `60 s`.
+fn format_millis(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        let frac = format!("{:03}", ms % 1000);
+        let frac = frac.trim_end_matches('0');
+        if frac.is_empty() {
+            format!("{} s", ms / 1000)
+        } else {
+            format!("{}.{frac} s", ms / 1000)
+        }
+    }
+}
+
 /// RFC 3339, or `-` if unset.
 fn timestamp(ts: Option<&prost_types::Timestamp>) -> String {
     ts.map_or_else(|| "-".to_owned(), ToString::to_string)
@@ -187,6 +246,10 @@ pub(crate) fn job_details(job: &Job) -> String {
         ("dirty_bytes", bytes(job.dirty_bytes)),
         ("copy_rate", format_rate(job.copy_rate_bytes_per_sec)),
         ("dirty_rate", format_rate(job.dirty_rate_bytes_per_sec)),
+        (
+            "convergence",
+            convergence_text(job.convergence(), job.eta_to_ready_ms),
+        ),
         (
             "speed",
             if job.speed_bytes_per_sec == 0 {
@@ -242,6 +305,52 @@ pub(crate) fn job_details(job: &Job) -> String {
         if !spec.bitmap.is_empty() {
             pairs.push(("bitmap", spec.bitmap.clone()));
         }
+        let millis_or_default = |ms: u64| {
+            if ms == 0 {
+                "default".to_owned()
+            } else {
+                format_millis(ms)
+            }
+        };
+        pairs.extend([
+            (
+                "auto_ready_timeout",
+                millis_or_default(spec.auto_ready_timeout_ms),
+            ),
+            (
+                "auto_diverging_window",
+                millis_or_default(spec.auto_diverging_window_ms),
+            ),
+            ("auto_min_dwell", millis_or_default(spec.auto_min_dwell_ms)),
+        ]);
+        if spec.target_latency_limit_ms == 0 {
+            pairs.push(("target_latency_limit", "off".to_owned()));
+        } else {
+            pairs.extend([
+                (
+                    "target_latency_limit",
+                    format_millis(spec.target_latency_limit_ms),
+                ),
+                (
+                    "target_latency_window",
+                    millis_or_default(spec.target_latency_window_ms),
+                ),
+            ]);
+        }
+        if spec.guest_throttle_bytes_per_sec == 0 {
+            pairs.push(("guest_throttle", "off".to_owned()));
+        } else {
+            pairs.extend([
+                (
+                    "guest_throttle",
+                    format_rate(spec.guest_throttle_bytes_per_sec),
+                ),
+                (
+                    "guest_throttle_below",
+                    default_or(spec.guest_throttle_below_bytes, "default"),
+                ),
+            ]);
+        }
     }
     details(&pairs)
 }
@@ -261,13 +370,23 @@ pub(crate) fn jobs_table(jobs: &[Job]) -> String {
                 progress_cell(j),
                 format_size(j.dirty_bytes),
                 format_rate(j.copy_rate_bytes_per_sec),
+                convergence_cell(j.convergence(), j.eta_to_ready_ms),
                 or_dash(&j.error),
             ]
         })
         .collect();
     table(
         &[
-            "ID", "SOURCE", "TARGET", "STATE", "MODE", "SYNCED", "PROGRESS", "DIRTY", "RATE",
+            "ID",
+            "SOURCE",
+            "TARGET",
+            "STATE",
+            "MODE",
+            "SYNCED",
+            "PROGRESS",
+            "DIRTY",
+            "RATE",
+            "CONVERGENCE",
             "ERROR",
         ],
         &rows,
@@ -361,7 +480,7 @@ pub(crate) fn watch_item_line(item: &WatchItem) -> Option<String> {
         WatchItem::Heartbeat { .. } => None,
         WatchItem::Event(ev) => Some(event_line(ev)),
         WatchItem::Snapshot(job) => Some(format!(
-            "{}  #{}  {}  SNAPSHOT  state {}, mode {}, copied {}, dirty {}{}",
+            "{}  #{}  {}  SNAPSHOT  state {}, mode {}, copied {}, dirty {}{}{}",
             timestamp(job.updated_at.as_ref()),
             job.last_event_sequence,
             job.id,
@@ -369,6 +488,7 @@ pub(crate) fn watch_item_line(item: &WatchItem) -> Option<String> {
             copy_mode_name(job.copy_mode()),
             progress_cell(job),
             format_size(job.dirty_bytes),
+            forecast_suffix(job.convergence(), job.eta_to_ready_ms),
             if job.error.is_empty() {
                 String::new()
             } else {
@@ -383,13 +503,14 @@ pub(crate) fn event_line(ev: &Event) -> String {
     let kind = ev.r#type();
     let progress = || {
         format!(
-            "copied {}/{} ({}), dirty {}, copy {}, dirtying {}",
+            "copied {}/{} ({}), dirty {}, copy {}, dirtying {}{}",
             format_size(ev.current_progress_bytes),
             format_size(ev.total_progress_bytes),
             percent(ev.current_progress_bytes, ev.total_progress_bytes),
             format_size(ev.dirty_bytes),
             format_rate(ev.copy_rate_bytes_per_sec),
             format_rate(ev.dirty_rate_bytes_per_sec),
+            forecast_suffix(ev.convergence(), ev.eta_to_ready_ms),
         )
     };
     let detail = match kind {
@@ -438,6 +559,16 @@ pub(crate) fn event_line(ev: &Event) -> String {
         head
     } else {
         format!("{head}  {detail}")
+    }
+}
+
+/// `, converging, ready in ~12s` for a watch line; empty when the server
+/// sent no forecast.
+fn forecast_suffix(convergence: Convergence, eta_ms: Option<u64>) -> String {
+    if convergence == Convergence::Unspecified {
+        String::new()
+    } else {
+        format!(", {}", convergence_text(convergence, eta_ms))
     }
 }
 
@@ -629,6 +760,132 @@ mod tests {
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["type"], "SNAPSHOT");
         assert_eq!(v["job"]["state"], "running");
+    }
+
+    #[test]
+    fn forecasts_for_people() {
+        use Convergence::{Converging, Diverging, Stalled, Synced, Unspecified};
+        assert_eq!(
+            convergence_text(Converging, Some(12_000)),
+            "converging, ready in ~12s"
+        );
+        assert_eq!(
+            convergence_text(Converging, Some(185_000)),
+            "converging, ready in ~3m05s"
+        );
+        // Under a second rounds up, not down to "0s".
+        assert_eq!(
+            convergence_text(Converging, Some(300)),
+            "converging, ready in ~1s"
+        );
+        assert_eq!(convergence_text(Converging, None), "converging");
+        assert_eq!(convergence_text(Stalled, None), "stalled");
+        assert_eq!(convergence_text(Diverging, None), "diverging");
+        assert_eq!(convergence_text(Synced, Some(0)), "synced");
+        assert_eq!(convergence_text(Unspecified, None), "-");
+
+        assert_eq!(
+            convergence_cell(Converging, Some(12_000)),
+            "converging ~12s"
+        );
+        assert_eq!(convergence_cell(Diverging, None), "diverging");
+        assert_eq!(convergence_cell(Synced, Some(0)), "synced");
+        assert_eq!(convergence_cell(Unspecified, None), "-");
+    }
+
+    #[test]
+    fn job_show_and_list_show_the_forecast() {
+        let mut j = job();
+        let d = job_details(&j);
+        assert!(d.lines().any(|l| l == "convergence:           -"), "{d}");
+        assert!(jobs_table(&[j.clone()]).starts_with(
+            "ID  SOURCE  TARGET      STATE    MODE            SYNCED  PROGRESS               \
+             DIRTY  RATE   CONVERGENCE  ERROR\n"
+        ));
+
+        j.set_convergence(Convergence::Converging);
+        j.eta_to_ready_ms = Some(12_000);
+        let d = job_details(&j);
+        assert!(
+            d.lines()
+                .any(|l| l.starts_with("convergence:") && l.ends_with(" converging, ready in ~12s")),
+            "{d}"
+        );
+        let t = jobs_table(&[j]);
+        let row = t.lines().nth(1).unwrap();
+        assert!(row.ends_with("  converging ~12s  -"), "{row}");
+    }
+
+    #[test]
+    fn job_show_prints_the_policy() {
+        let mut j = job();
+        let line = |d: &str, key: &str| {
+            d.lines()
+                .find(|l| l.starts_with(&format!("{key}:")))
+                .map(|l| l[key.len() + 1..].trim().to_owned())
+        };
+        // Defaults, and the guards off: their details are left out.
+        let d = job_details(&j);
+        assert_eq!(line(&d, "auto_ready_timeout").as_deref(), Some("default"));
+        assert_eq!(line(&d, "target_latency_limit").as_deref(), Some("off"));
+        assert_eq!(line(&d, "target_latency_window"), None);
+        assert_eq!(line(&d, "guest_throttle").as_deref(), Some("off"));
+        assert_eq!(line(&d, "guest_throttle_below"), None);
+
+        let spec = j.spec.as_mut().unwrap();
+        spec.auto_ready_timeout_ms = 60_000;
+        spec.auto_diverging_window_ms = 2_500;
+        spec.auto_min_dwell_ms = 500;
+        spec.target_latency_limit_ms = 40;
+        spec.target_latency_window_ms = 2_000;
+        spec.guest_throttle_bytes_per_sec = 20 << 20;
+        spec.guest_throttle_below_bytes = 64 << 20;
+        let d = job_details(&j);
+        assert_eq!(line(&d, "auto_ready_timeout").as_deref(), Some("60 s"));
+        assert_eq!(line(&d, "auto_diverging_window").as_deref(), Some("2.5 s"));
+        assert_eq!(line(&d, "auto_min_dwell").as_deref(), Some("500 ms"));
+        assert_eq!(line(&d, "target_latency_limit").as_deref(), Some("40 ms"));
+        assert_eq!(line(&d, "target_latency_window").as_deref(), Some("2 s"));
+        assert_eq!(line(&d, "guest_throttle").as_deref(), Some("20 MiB/s"));
+        assert_eq!(line(&d, "guest_throttle_below").as_deref(), Some("64 MiB"));
+    }
+
+    #[test]
+    fn progress_lines_show_the_forecast() {
+        let mut ev = Event {
+            sequence: 9,
+            job_id: "j1".into(),
+            current_progress_bytes: 1 << 20,
+            total_progress_bytes: 4 << 20,
+            dirty_bytes: 3 << 20,
+            copy_rate_bytes_per_sec: 1 << 20,
+            ..Event::default()
+        };
+        ev.set_type(EventType::Progress);
+        let plain = "-  #9  j1  PROGRESS  copied 1 MiB/4 MiB (25.0%), dirty 3 MiB, \
+                     copy 1 MiB/s, dirtying 0 B/s";
+        // No forecast (an older server): the line as before.
+        assert_eq!(event_line(&ev), plain);
+        ev.set_convergence(Convergence::Converging);
+        ev.eta_to_ready_ms = Some(3_000);
+        assert_eq!(
+            event_line(&ev),
+            format!("{plain}, converging, ready in ~3s")
+        );
+        let snap = watch_item_line(&WatchItem::Snapshot(job())).unwrap();
+        assert!(snap.ends_with("dirty 4 MiB"), "{snap}");
+    }
+
+    #[test]
+    fn durations_and_etas() {
+        assert_eq!(format_millis(0), "0 ms");
+        assert_eq!(format_millis(999), "999 ms");
+        assert_eq!(format_millis(1_000), "1 s");
+        assert_eq!(format_millis(1_250), "1.25 s");
+        assert_eq!(format_millis(90_001), "90.001 s");
+        assert_eq!(format_eta(5), "5s");
+        assert_eq!(format_eta(185), "3m05s");
+        assert_eq!(format_eta(7620), "2h07m");
     }
 
     #[test]

@@ -5,10 +5,13 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 
+use blockmirror_client::names::convergence_name;
 use blockmirror_client::{JobView, format_rate, format_size};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// `JOB [=====>    ] state  copied/total  dirty  rate  ETA`.
+use crate::output::format_eta;
+
+/// `JOB [=====>    ] state  copied/total  dirty  rate  forecast  ETA`.
 const TEMPLATE: &str = "{prefix} [{bar:30}] {msg}";
 
 /// One bar per job, or nothing when stderr is not a terminal.
@@ -93,7 +96,10 @@ impl Drop for Progress {
     }
 }
 
-/// `running  512 MiB/1 GiB  dirty 4 MiB  100 MiB/s  ETA 5s`.
+/// `running  512 MiB/1 GiB  dirty 4 MiB  100 MiB/s  converging  ETA 5s`:
+/// the server's forecast (none from an older server) and its time to
+/// ready, or without a forecast the time to copy what is left. No ETA
+/// while diverging or stalled, or once synced.
 pub(crate) fn status_text(view: &JobView) -> String {
     let mut s = format!(
         "{}  {}/{}  dirty {}  {}",
@@ -103,27 +109,23 @@ pub(crate) fn status_text(view: &JobView) -> String {
         format_size(view.dirty_bytes),
         format_rate(view.copy_rate),
     );
-    if let Some(eta) = view.eta_secs() {
-        s.push_str(&format!("  ETA {}", format_eta(eta)));
+    if let Some(name) = convergence_name(view.convergence) {
+        s.push_str("  ");
+        s.push_str(name);
+    }
+    let eta = view.eta_to_ready().filter(|d| !d.is_zero());
+    if let Some(eta) = eta {
+        // Round up: a forecast under a second still reads 1s.
+        let secs = eta.as_secs() + u64::from(eta.subsec_nanos() > 0);
+        s.push_str(&format!("  ETA {}", format_eta(secs)));
     }
     s
-}
-
-/// `45s`, `3m05s`, `2h07m`.
-fn format_eta(secs: u64) -> String {
-    if secs < 60 {
-        format!("{secs}s")
-    } else if secs < 3600 {
-        format!("{}m{:02}s", secs / 60, secs % 60)
-    } else {
-        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockmirror_client::proto::{Job, JobState};
+    use blockmirror_client::proto::{Convergence, Job, JobState};
 
     #[test]
     fn status_line() {
@@ -144,9 +146,41 @@ mod tests {
     }
 
     #[test]
-    fn eta() {
-        assert_eq!(format_eta(5), "5s");
-        assert_eq!(format_eta(185), "3m05s");
-        assert_eq!(format_eta(7620), "2h07m");
+    fn status_line_uses_the_forecast() {
+        let mut job = Job {
+            id: "j".into(),
+            current_progress_bytes: 512 << 20,
+            total_progress_bytes: 1 << 30,
+            dirty_bytes: 512 << 20,
+            copy_rate_bytes_per_sec: 100 << 20,
+            dirty_rate_bytes_per_sec: 60 << 20,
+            eta_to_ready_ms: Some(12_800),
+            ..Job::default()
+        };
+        job.set_state(JobState::Running);
+        job.set_convergence(Convergence::Converging);
+        // The server's ETA (13s, counting the guests' writes), not the
+        // copy-rate estimate (6s).
+        assert_eq!(
+            status_text(&JobView::from_job(&job)),
+            "running  512 MiB/1 GiB  dirty 512 MiB  100 MiB/s  converging  ETA 13s"
+        );
+
+        job.set_convergence(Convergence::Diverging);
+        job.eta_to_ready_ms = None;
+        assert_eq!(
+            status_text(&JobView::from_job(&job)),
+            "running  512 MiB/1 GiB  dirty 512 MiB  100 MiB/s  diverging"
+        );
+
+        job.set_state(JobState::Ready);
+        job.set_convergence(Convergence::Synced);
+        job.current_progress_bytes = 1 << 30;
+        job.dirty_bytes = 0;
+        job.eta_to_ready_ms = Some(0);
+        assert_eq!(
+            status_text(&JobView::from_job(&job)),
+            "ready  1 GiB/1 GiB  dirty 0 B  100 MiB/s  synced"
+        );
     }
 }

@@ -123,8 +123,13 @@ pub struct MirrorCounters {
     pub sync_writes: AtomicU64,
     /// Guest writes that went to the source only.
     pub source_only_writes: AtomicU64,
-    /// Bytes of guest writes that went to both sides.
-    pub sync_write_bytes: AtomicU64,
+    /// Bytes that synchronous guest writes would have dirtied in
+    /// background mode (whole chunks touched): what auto mode weighs
+    /// against the copy rate before it returns to background.
+    pub would_dirty_bytes: AtomicU64,
+    /// Bytes of non-zero data the copier wrote (zeroes cost the target
+    /// next to nothing, so they would overstate its bandwidth).
+    pub copied_data_bytes: AtomicU64,
 }
 
 /// Shared state of one active mirror.
@@ -472,8 +477,8 @@ impl ActiveMirror {
             });
             self.counters.sync_writes.fetch_add(1, Ordering::Relaxed);
             self.counters
-                .sync_write_bytes
-                .fetch_add(len, Ordering::Relaxed);
+                .would_dirty_bytes
+                .fetch_add((end - first) << self.chunk_shift, Ordering::Relaxed);
             match (src, tgt) {
                 (Ok(()), Ok(())) => {
                     let (c0, c1) = self.covered(offset, len);
@@ -567,7 +572,12 @@ impl ActiveMirror {
         let result = self.copy_locked(source, off, len).await;
         drop(permit);
         match result {
-            Ok(()) => {
+            Ok(copied) => {
+                if copied == Copied::Data {
+                    self.counters
+                        .copied_data_bytes
+                        .fetch_add(len, Ordering::Relaxed);
+                }
                 self.target_failing.store(false, Ordering::Release);
                 self.counters.copied_bytes.fetch_add(len, Ordering::Relaxed);
                 self.counters
@@ -588,7 +598,12 @@ impl ActiveMirror {
     /// One copy, in one trip to the blocking pool: classify, read into a
     /// reused buffer, write (or zero) the target. The target's limit was
     /// paid before the range lock was taken.
-    async fn copy_locked(&self, source: &Device, off: u64, len: u64) -> Result<(), MirrorIoError> {
+    async fn copy_locked(
+        &self,
+        source: &Device,
+        off: u64,
+        len: u64,
+    ) -> Result<Copied, MirrorIoError> {
         let src = Arc::clone(&source.backend);
         let dst = Arc::clone(&self.target.backend);
         let mut buf = self
@@ -627,13 +642,20 @@ const COPY_BUFFERS_KEPT: usize = 16;
 
 /// The blocking body of a copy: holes and all-zero data become
 /// write-zeroes on the target, everything else a plain write.
+/// What a copy wrote to the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copied {
+    Data,
+    Zeroes,
+}
+
 fn copy_blocking(
     src: &dyn BlockBackend,
     dst: &dyn BlockBackend,
     off: u64,
     len: u64,
     buf: &mut Vec<u8>,
-) -> Result<(), MirrorIoError> {
+) -> Result<Copied, MirrorIoError> {
     let src_err = |error| MirrorIoError {
         side: Side::Source,
         operation: "read",
@@ -645,7 +667,10 @@ fn copy_blocking(
         error: EngineError::io("writing the target", error),
     };
     if matches!(src.allocation(off, len), Ok(Allocation::Hole { end }) if end >= off + len) {
-        return dst.write_zeroes(off, len, true).map_err(tgt_err);
+        return dst
+            .write_zeroes(off, len, true)
+            .map(|()| Copied::Zeroes)
+            .map_err(tgt_err);
     }
     // A copy operation is at most 1 MiB (MAX_COPY_OP_BYTES), so it fits usize.
     let n = usize::try_from(len).map_err(|_| src_err(std::io::Error::other("copy too large")))?;
@@ -654,8 +679,12 @@ fn copy_blocking(
     }
     src.read_at(buf, off).map_err(src_err)?;
     if buf.iter().all(|&b| b == 0) {
-        dst.write_zeroes(off, len, true).map_err(tgt_err)
+        dst.write_zeroes(off, len, true)
+            .map(|()| Copied::Zeroes)
+            .map_err(tgt_err)
     } else {
-        dst.write_at(buf, off).map_err(tgt_err)
+        dst.write_at(buf, off)
+            .map(|()| Copied::Data)
+            .map_err(tgt_err)
     }
 }

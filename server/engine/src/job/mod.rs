@@ -99,6 +99,9 @@ struct Shared {
     finalize_requested: bool,
     copy_rate: u64,
     dirty_rate: u64,
+    /// Bytes/s by which the dirty set shrank over the trend window (the
+    /// runner's sampler); `None` until the window has filled.
+    net_rate: Option<i64>,
 }
 
 /// One mirror job.
@@ -166,6 +169,7 @@ impl Job {
                 finalize_requested: false,
                 copy_rate: 0,
                 dirty_rate: 0,
+                net_rate: None,
             }),
             id: p.id,
             spec: p.spec,
@@ -227,12 +231,9 @@ impl Job {
             JobStatus::Paused | JobStatus::Standby if dirty > 0 => {
                 (crate::events::Convergence::Stalled, None)
             }
-            _ => crate::events::Convergence::forecast(
-                dirty,
-                s.copy_rate,
-                s.dirty_rate,
-                self.mirror.is_write_blocking(),
-            ),
+            // The initial dirty set is not in the bitmap yet.
+            JobStatus::Created => (crate::events::Convergence::Converging, None),
+            _ => crate::events::Convergence::forecast(dirty, s.copy_rate, s.net_rate),
         };
         Progress {
             current_bytes: current,

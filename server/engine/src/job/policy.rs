@@ -13,8 +13,9 @@
 //! above the copy rate for `auto_diverging_window_ms`. (A complete request
 //! switches too; the job does that itself.) After READY, write-blocking
 //! costs the guest target latency on every write, so `auto` returns to
-//! background once guests write at less than half the copy rate seen during
-//! the copy — at that rate background mode keeps up. Two rules keep this
+//! background once the chunks guests write would dirty, in background mode,
+//! less than half the data rate the copier achieved — then background mode
+//! keeps up. Two rules keep this
 //! from flapping: no automatic switch comes sooner than the dwell time after
 //! the previous one, and every return to background that diverges again
 //! doubles the dwell (up to ten minutes). A steady heavy load therefore stays
@@ -62,8 +63,15 @@ pub struct Sample {
     pub copy_rate: u64,
     /// Dirty rate, bytes/s.
     pub dirty_rate: u64,
-    /// Bytes/s of guest writes that went to the target.
-    pub guest_sync_rate: u64,
+    /// Bytes/s by which dirty bytes shrank over the trend window (negative:
+    /// grew); `None` before there is a trend.
+    pub net_rate: Option<i64>,
+    /// Bytes/s that synchronous guest writes would have dirtied in
+    /// background mode (whole chunks).
+    pub would_dirty_rate: u64,
+    /// Bytes/s of non-zero data the copier wrote (the target's proven
+    /// bandwidth for copies).
+    pub copy_data_rate: u64,
     /// Synchronous target writes over the latency limit, since the last tick.
     pub slow_target_writes: u64,
     /// All synchronous target writes since the last tick.
@@ -146,10 +154,16 @@ impl PolicyState {
             return out;
         }
         let finishing = matches!(s.status, JobStatus::Waiting | JobStatus::Pending);
-        if !s.write_blocking && s.copy_rate > self.peak_copy_rate {
-            self.peak_copy_rate = s.copy_rate;
+        if s.copy_data_rate > self.peak_copy_rate {
+            self.peak_copy_rate = s.copy_data_rate;
         }
-        let diverging = s.dirty_bytes > 0 && s.dirty_rate >= s.copy_rate;
+        // Diverging: guests dirty at least as fast as the copier copies, or
+        // the dirty set has not shrunk meaningfully over the trend window
+        // (a copier running in place).
+        let stalled_trend = s
+            .net_rate
+            .is_some_and(|net| net < i64::try_from(s.copy_rate / 20).unwrap_or(i64::MAX).max(1));
+        let diverging = s.dirty_bytes > 0 && (s.dirty_rate >= s.copy_rate || stalled_trend);
         if !s.write_blocking && diverging {
             self.diverging_since.get_or_insert(s.now_ms);
         } else {
@@ -236,13 +250,17 @@ impl PolicyState {
             } else if s.write_blocking
                 && s.status == JobStatus::Ready
                 && self.dwell_passed(s.now_ms)
-                && s.guest_sync_rate.saturating_mul(2) < self.peak_copy_rate
+                && s.would_dirty_rate.saturating_mul(2) < self.peak_copy_rate
             {
                 self.returned_to_background = true;
                 out.push(self.switch(
                     s.now_ms,
                     false,
-                    "ready, and guests write at under half the copy rate".into(),
+                    format!(
+                        "ready, and guests would dirty {} KiB/s, under half the copy rate of {} KiB/s",
+                        s.would_dirty_rate >> 10,
+                        self.peak_copy_rate >> 10
+                    ),
                 ));
             }
         }
@@ -288,7 +306,9 @@ mod tests {
             dirty_bytes: 1 << 30,
             copy_rate: 20 << 20,
             dirty_rate: 40 << 20,
-            guest_sync_rate: 0,
+            net_rate: None,
+            would_dirty_rate: 0,
+            copy_data_rate: 20 << 20,
             slow_target_writes: 0,
             target_writes: 0,
         }
@@ -370,7 +390,8 @@ mod tests {
         let heavy = |s: &Sample| Sample {
             status: JobStatus::Ready,
             dirty_bytes: 0,
-            guest_sync_rate: 40 << 20,
+            would_dirty_rate: 40 << 20,
+            copy_data_rate: 0,
             copy_rate: 0,
             dirty_rate: 0,
             ..*s
@@ -398,7 +419,8 @@ mod tests {
         let light = |s: &Sample| Sample {
             status: JobStatus::Ready,
             dirty_bytes: 0,
-            guest_sync_rate: 1 << 20,
+            would_dirty_rate: 1 << 20,
+            copy_data_rate: 0,
             copy_rate: 0,
             dirty_rate: 0,
             ..*s

@@ -23,6 +23,9 @@ const MAX_COPY_OP_BYTES: u64 = 1 << 20;
 const TICK: Duration = Duration::from_millis(250);
 /// Ticks per PROGRESS event (about one a second) and per rate window.
 const TICKS_PER_SECOND: usize = 4;
+/// Ticks over which the trend of dirty bytes is judged (3 s): long enough
+/// that a copier running in place against a random writer reads as such.
+const TREND_TICKS: usize = 12;
 /// While guests write to the target: copy operations at most this big...
 const ACTIVE_COPY_OP_BYTES: u64 = 256 << 10;
 /// ... and at most this many in flight (one doing I/O, one waiting its turn).
@@ -83,8 +86,10 @@ impl Cursor {
 /// Counter readings of the last second, one per tick, for rates.
 #[derive(Debug)]
 struct Sampler {
-    /// (when, progress bytes, dirtied bytes, synchronous guest bytes).
-    window: std::collections::VecDeque<(Instant, u64, u64, u64)>,
+    /// (when, progress, dirtied, would-dirty, copied data) byte counters.
+    window: std::collections::VecDeque<(Instant, u64, u64, u64, u64)>,
+    /// (when, dirty bytes) over the trend window.
+    trend: std::collections::VecDeque<(Instant, u64)>,
     ticks: usize,
     policy: super::policy::PolicyState,
 }
@@ -110,6 +115,7 @@ impl Job {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sampler = Sampler {
             window: std::collections::VecDeque::with_capacity(TICKS_PER_SECOND + 1),
+            trend: std::collections::VecDeque::with_capacity(TREND_TICKS + 1),
             ticks: 0,
             policy: super::policy::PolicyState::new(self.spec.policy),
         };
@@ -464,7 +470,8 @@ impl Job {
             now,
             c.progress_bytes.load(Ordering::Relaxed),
             c.dirtied_bytes.load(Ordering::Relaxed),
-            c.sync_write_bytes.load(Ordering::Relaxed),
+            c.would_dirty_bytes.load(Ordering::Relaxed),
+            c.copied_data_bytes.load(Ordering::Relaxed),
         );
         let oldest = *sm.window.front().unwrap_or(&reading);
         sm.window.push_back(reading);
@@ -480,7 +487,23 @@ impl Job {
         };
         let copy_rate = rate(reading.1.saturating_sub(oldest.1));
         let dirty_rate = rate(reading.2.saturating_sub(oldest.2));
-        let guest_sync_rate = rate(reading.3.saturating_sub(oldest.3));
+        let would_dirty_rate = rate(reading.3.saturating_sub(oldest.3));
+        let copy_data_rate = rate(reading.4.saturating_sub(oldest.4));
+        let dirty_now = self.mirror.dirty_bytes();
+        sm.trend.push_back((now, dirty_now));
+        if sm.trend.len() > TREND_TICKS {
+            sm.trend.pop_front();
+        }
+        let net_rate = match sm.trend.front() {
+            Some(&(then, dirty_then)) if sm.trend.len() > TREND_TICKS / 2 => {
+                let secs = now.duration_since(then).as_secs_f64().max(1e-3);
+                // Dirty bytes per second shrunk (negative: grew).
+                #[allow(clippy::cast_possible_truncation)]
+                let r = ((dirty_then as f64 - dirty_now as f64) / secs) as i64;
+                Some(r)
+            }
+            _ => None,
+        };
         let lat = &self.mirror.latency;
         let (slow, total) = (
             lat.slow.swap(0, Ordering::Relaxed),
@@ -489,6 +512,7 @@ impl Job {
         let mut s = self.lock();
         s.copy_rate = copy_rate;
         s.dirty_rate = dirty_rate;
+        s.net_rate = net_rate;
         if s.status.is_terminal() {
             return;
         }
@@ -497,10 +521,12 @@ impl Job {
             status: s.status,
             requested: s.requested_mode,
             write_blocking: self.mirror.is_write_blocking(),
-            dirty_bytes: self.mirror.dirty_bytes(),
+            dirty_bytes: dirty_now,
             copy_rate,
             dirty_rate,
-            guest_sync_rate,
+            net_rate,
+            would_dirty_rate,
+            copy_data_rate,
             slow_target_writes: slow,
             target_writes: total,
         });

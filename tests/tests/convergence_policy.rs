@@ -1,0 +1,226 @@
+//! Convergence you can count on: auto mode converges where background does
+//! not and does not flap under a steady load; the target-latency guard falls
+//! back and retries; the memory bound holds with NBD guests far faster than
+//! the target; the forecast says where a job is heading.
+
+use blockmirror_proto::v1::{
+    self, Convergence, CopyMode, EventType, JobState, watch_events_response::Kind,
+};
+use blockmirror_tests::{Clients, Guest, TestServer, spec};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+const SIZE: u64 = 8 << 20;
+
+fn spawn_guest(
+    c: &Clients,
+    mut g: Guest,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Guest> {
+    let mut c = c.clone();
+    let stop = Arc::clone(stop);
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            g.step(&mut c).await;
+        }
+        g
+    })
+}
+
+/// Copy-mode changes of `job` seen within `within`.
+async fn mode_changes(c: &mut Clients, job: &str, within: Duration) -> Vec<v1::Event> {
+    let mut w = c
+        .jobs
+        .watch_events(v1::WatchEventsRequest {
+            job_id: job.into(),
+            after_sequence: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, w.next()).await {
+        if let Some(Kind::Event(e)) = msg.kind
+            && e.r#type == EventType::CopyModeChanged as i32
+        {
+            out.push(e);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_converges_where_background_does_not_and_does_not_flap() {
+    let server = TestServer::start();
+    let mut c = server.clients().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_bg = Arc::new(AtomicBool::new(false));
+    let mut guests = Vec::new();
+    for side in ["bg", "auto"] {
+        let (src, dst) = (format!("{side}-src"), format!("{side}-dst"));
+        c.create_volume(&src, SIZE).await;
+        c.create_volume(&dst, SIZE).await;
+        let content = c.fill_random(&src, SIZE, 17).await;
+        c.limit(&dst, 2 << 20).await;
+        let flag = if side == "bg" { &stop_bg } else { &stop };
+        guests.push(spawn_guest(&c, Guest::new(&src, 0, content, 3), flag));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.start_mirror("bg", spec("bg-src", "volume:bg-dst", CopyMode::Background))
+        .await;
+    let mut s = spec("auto-src", "volume:auto-dst", CopyMode::Auto);
+    s.auto_diverging_window_ms = 1000;
+    s.auto_min_dwell_ms = 1000;
+    s.auto_dismiss = Some(false);
+    c.start_mirror("auto", s).await;
+    let ready = c
+        .wait_for("auto", &[JobState::Ready], Duration::from_secs(120))
+        .await;
+    assert_eq!(ready.copy_mode, CopyMode::WriteBlocking as i32, "{ready:?}");
+    let bg = c.job("bg").await;
+    assert_eq!(
+        bg.state,
+        JobState::Running as i32,
+        "background converged after all"
+    );
+    // Background on the same load: the forecast says it will not finish.
+    assert_eq!(bg.convergence, Convergence::Diverging as i32, "{bg:?}");
+    assert_eq!(bg.eta_to_ready_ms, None);
+    // From here on only the auto job's guest runs (two guests hammering
+    // one 2-core machine would measure CPU contention, not the policy).
+    stop_bg.store(true, Ordering::Relaxed);
+    guests.remove(0).await.unwrap();
+    c.jobs
+        .cancel_job(v1::CancelJobRequest {
+            job_id: "bg".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    // The same steady load for several dwell times: one switch, no flapping.
+    let changes = mode_changes(&mut c, "auto", Duration::from_secs(6)).await;
+    assert_eq!(changes.len(), 1, "auto flapped: {changes:?}");
+    assert_eq!(changes[0].to_mode, CopyMode::WriteBlocking as i32);
+    assert!(
+        changes[0].reason.contains("dirty rate"),
+        "{:?}",
+        changes[0].reason
+    );
+    let synced = c.job("auto").await;
+    assert_eq!(synced.convergence, Convergence::Synced as i32, "{synced:?}");
+    stop.store(true, Ordering::Relaxed);
+    for g in guests {
+        g.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_latency_guard_falls_back_and_retries() {
+    let server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("src", SIZE).await;
+    c.create_volume("dst", SIZE).await;
+    // 4 KiB writes at 128 KiB/s take ~31 ms each on the target.
+    c.limit("dst", 128 << 10).await;
+    let mut s = spec("src", "volume:dst", CopyMode::WriteBlocking);
+    s.sync = v1::SyncMode::None as i32;
+    s.target_latency_limit_ms = 10;
+    s.target_latency_window_ms = 1000;
+    s.auto_min_dwell_ms = 1500;
+    s.auto_dismiss = Some(false);
+    c.start_mirror("m", s).await;
+    c.wait_for("m", &[JobState::Ready], Duration::from_secs(10))
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (mut c, stop) = (c.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                c.write("src", (i % 1024) * 4096, vec![7u8; 4096]).await;
+                i += 1;
+            }
+        })
+    };
+    let changes = mode_changes(&mut c, "m", Duration::from_secs(6)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(changes.len() >= 2, "{changes:?}");
+    assert_eq!(changes[0].to_mode, CopyMode::Background as i32);
+    assert!(
+        changes[0].reason.contains("target latency above 10 ms"),
+        "{:?}",
+        changes[0].reason
+    );
+    assert_eq!(changes[1].to_mode, CopyMode::WriteBlocking as i32);
+    assert!(
+        changes[1].reason.contains("retrying"),
+        "{:?}",
+        changes[1].reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bound_holds_with_nbd_guests_far_faster_than_the_target() {
+    const BUF: u64 = 4 << 20;
+    let server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("src", 64 << 20).await;
+    c.create_volume("dst", 64 << 20).await;
+    c.export("src", false).await;
+    // The guest could write hundreds of MB/s; the target takes 4 MiB/s.
+    c.limit("dst", 4 << 20).await;
+    let mut s = spec("src", "volume:dst", CopyMode::WriteBlocking);
+    s.sync = v1::SyncMode::None as i32;
+    s.buf_size_bytes = BUF;
+    c.start_mirror("m", s).await;
+    c.wait_for("m", &[JobState::Ready], Duration::from_secs(10))
+        .await;
+    let started = Instant::now();
+    let out = Command::new("fio")
+        .args([
+            "--name=deep",
+            "--ioengine=nbd",
+            &format!("--uri={}", server.nbd_uri("src")),
+            "--rw=randwrite",
+            "--bs=256k",
+            "--iodepth=64",
+            "--size=64m",
+            "--time_based",
+            "--runtime=3",
+            "--verify_state_save=0",
+        ])
+        .output()
+        .expect("fio");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = c.job("m").await;
+    assert!(
+        job.peak_in_flight_bytes > BUF / 2,
+        "the bound was not exercised: {job:?}"
+    );
+    assert!(
+        job.peak_in_flight_bytes <= BUF,
+        "{} bytes in flight with buf_size {BUF}",
+        job.peak_in_flight_bytes
+    );
+    eprintln!(
+        "fio ran {:?}; peak in flight {} of {BUF}",
+        started.elapsed(),
+        job.peak_in_flight_bytes
+    );
+    c.jobs
+        .cancel_job(v1::CancelJobRequest {
+            job_id: "m".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+}
