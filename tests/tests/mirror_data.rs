@@ -221,3 +221,74 @@ async fn write_blocking_cancel_in_ready_keeps_consistent_copy() {
 async fn background_cancel_in_ready_keeps_consistent_copy() {
     cancel_in_ready(CopyMode::Background).await;
 }
+
+/// Every sequence of mode switches — by hand, in both directions, many
+/// times, in the first pass and in READY — under concurrent guests ends with
+/// the target equal to every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mode_switches_under_load_keep_the_target_exact() {
+    let (server, mut c, content, mut s) = setup(CopyMode::Background).await;
+    s.speed_bytes_per_sec = 16 << 20;
+    let load = Workload::start(&c, "src", &content);
+    c.start_mirror("m", s).await;
+    c.wait_for("m", &[JobState::Running], Duration::from_secs(10))
+        .await;
+    let modes = [
+        CopyMode::WriteBlocking,
+        CopyMode::Background,
+        CopyMode::Auto,
+    ];
+    let mut seen_ready = false;
+    for i in 0..30 {
+        let mode = modes[i % modes.len()];
+        let j = c
+            .jobs
+            .change_job(v1::ChangeJobRequest {
+                job_id: "m".into(),
+                copy_mode: mode as i32,
+            })
+            .await
+            .expect("change mode")
+            .into_inner();
+        seen_ready |= j.state == JobState::Ready as i32;
+        if i == 10 {
+            // Let the first pass finish somewhere in the middle of the switching.
+            c.jobs
+                .set_job_speed(v1::SetJobSpeedRequest {
+                    job_id: "m".into(),
+                    speed_bytes_per_sec: 0,
+                })
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(80 + (i as u64 * 37) % 120)).await;
+    }
+    let ready = c
+        .wait_for("m", &[JobState::Ready], Duration::from_secs(90))
+        .await;
+    seen_ready |= ready.state == JobState::Ready as i32;
+    assert!(seen_ready);
+    c.jobs
+        .complete_job(v1::JobRequest { job_id: "m".into() })
+        .await
+        .expect("complete");
+    let done = c
+        .wait_for("m", &[JobState::Concluded], Duration::from_secs(60))
+        .await;
+    assert!(done.pivoted, "{done:?}");
+    let (model, ops) = load.finish().await;
+    assert!(ops > 100, "only {ops} guest writes");
+    assert_same(
+        "volume after switches and pivot",
+        &c.read("src", 0, SIZE).await,
+        &model,
+    );
+    let vol = c
+        .volumes
+        .get_volume(v1::GetVolumeRequest { name: "src".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_same("target file", &std::fs::read(&vol.path).unwrap(), &model);
+    drop(server);
+}
