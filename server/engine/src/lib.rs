@@ -7,12 +7,14 @@
 //! - [`engine`]: the registry of volumes and jobs, and the entry points.
 //! - [`volume`]: a named device and the guest I/O path into it.
 //! - [`job`]: mirror jobs — spec, life cycle, the shared write-path state
-//!   (`job::active`) and the runner that copies.
+//!   (`job::active`), the convergence policy (`job::policy`) and the runner
+//!   that copies.
 //! - [`bitmap`]: the hierarchical dirty bitmap.
 //! - [`rangelock`]: byte-range locks between guest writes and copies.
 //! - [`limits`]: the byte budget that bounds a job's memory.
 //! - [`throttle`]: token-bucket rate limits.
-//! - [`backend`]: block backends (raw file / block device, memory).
+//! - [`backend`]: block backends (raw file / block device, remote NBD
+//!   export, memory).
 //! - [`device`]: async access to a backend on the blocking pool.
 //! - [`events`]: the numbered event log with replay.
 //! - [`store`]: the state directory.
