@@ -66,8 +66,22 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
         c.create_volume(&dst, SIZE).await;
         let content = c.fill_random(&src, SIZE, 17).await;
         c.limit(&dst, 2 << 20).await;
-        let flag = if side == "bg" { &stop_bg } else { &stop };
-        guests.push(spawn_guest(&c, Guest::new(&src, 0, content, 3), flag));
+        if side == "bg" {
+            guests.push(spawn_guest(&c, Guest::new(&src, 0, content, 3), &stop_bg));
+        } else {
+            // Four guests (queue depth 4): a steady load that keeps the
+            // target busy, whatever else the machine is doing.
+            const REGION: u64 = SIZE / 4;
+            for i in 0..4u64 {
+                let r = usize::try_from(i * REGION).unwrap()
+                    ..usize::try_from((i + 1) * REGION).unwrap();
+                guests.push(spawn_guest(
+                    &c,
+                    Guest::new(&src, i * REGION, content[r].to_vec(), 30 + i),
+                    &stop,
+                ));
+            }
+        }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     c.start_mirror("bg", spec("bg-src", "volume:bg-dst", CopyMode::Background))

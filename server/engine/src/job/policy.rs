@@ -14,8 +14,10 @@
 //! switches too; the job does that itself.) After READY, write-blocking
 //! costs the guest target latency on every write, so `auto` returns to
 //! background once the chunks guests write would dirty, in background mode,
-//! less than half the data rate the copier achieved — then background mode
-//! keeps up. Two rules keep this
+//! less than half the data rate the copier achieved, and guests spend less
+//! than half their time waiting on the target (a guest that waits on the
+//! target all the time is slowed by write-blocking itself, so its rate
+//! there understates what it would write in background mode). Two rules keep this
 //! from flapping: no automatic switch comes sooner than the dwell time after
 //! the previous one, and every return to background that diverges again
 //! doubles the dwell (up to ten minutes). A steady heavy load therefore stays
@@ -72,6 +74,9 @@ pub struct Sample {
     /// Bytes/s of non-zero data the copier wrote (the target's proven
     /// bandwidth for copies).
     pub copy_data_rate: u64,
+    /// Time guest writes spent waiting on the target per unit of time, in
+    /// thousandths (1000 = a guest write was always at the target).
+    pub target_busy_permille: u64,
     /// Synchronous target writes over the latency limit, since the last tick.
     pub slow_target_writes: u64,
     /// All synchronous target writes since the last tick.
@@ -251,6 +256,10 @@ impl PolicyState {
                 && s.status == JobStatus::Ready
                 && self.dwell_passed(s.now_ms)
                 && s.would_dirty_rate.saturating_mul(2) < self.peak_copy_rate
+                // Guests that spend most of their time waiting on the target
+                // are held back by write-blocking itself: their rate there
+                // says nothing about what they would write in background.
+                && s.target_busy_permille < 500
             {
                 self.returned_to_background = true;
                 out.push(self.switch(
@@ -309,6 +318,7 @@ mod tests {
             net_rate: None,
             would_dirty_rate: 0,
             copy_data_rate: 20 << 20,
+            target_busy_permille: 0,
             slow_target_writes: 0,
             target_writes: 0,
         }
@@ -453,6 +463,37 @@ mod tests {
             light,
         );
         assert_eq!(next.first(), Some(&(9000, false)), "dwell doubled to 4 s");
+    }
+
+    #[test]
+    fn guests_bound_by_the_target_keep_write_blocking() {
+        let mut p = PolicyState::new(policy());
+        run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            8,
+            false,
+            |s| *s,
+        );
+        // A slow guest rate, but only because every write waits on the target.
+        let bound = |s: &Sample| Sample {
+            status: JobStatus::Ready,
+            dirty_bytes: 0,
+            would_dirty_rate: 1 << 20,
+            copy_data_rate: 0,
+            target_busy_permille: 950,
+            ..*s
+        };
+        assert!(
+            run(
+                &mut p,
+                sample(2000, JobStatus::Ready, true),
+                200,
+                true,
+                bound
+            )
+            .is_empty()
+        );
     }
 
     #[test]

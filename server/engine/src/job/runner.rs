@@ -90,6 +90,8 @@ struct Sampler {
     window: std::collections::VecDeque<(Instant, u64, u64, u64, u64)>,
     /// (when, dirty bytes) over the trend window.
     trend: std::collections::VecDeque<(Instant, u64)>,
+    /// When the previous tick ran (for the target-busy fraction).
+    last_tick: Instant,
     ticks: usize,
     policy: super::policy::PolicyState,
 }
@@ -116,6 +118,7 @@ impl Job {
         let mut sampler = Sampler {
             window: std::collections::VecDeque::with_capacity(TICKS_PER_SECOND + 1),
             trend: std::collections::VecDeque::with_capacity(TREND_TICKS + 1),
+            last_tick: Instant::now(),
             ticks: 0,
             policy: super::policy::PolicyState::new(self.spec.policy),
         };
@@ -509,6 +512,12 @@ impl Job {
             lat.slow.swap(0, Ordering::Relaxed),
             lat.total.swap(0, Ordering::Relaxed),
         );
+        let busy_us = lat.sum_us.swap(0, Ordering::Relaxed);
+        let tick_us = u64::try_from(now.duration_since(sm.last_tick).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        sm.last_tick = now;
+        let target_busy_permille = busy_us.saturating_mul(1000) / tick_us;
         let mut s = self.lock();
         s.copy_rate = copy_rate;
         s.dirty_rate = dirty_rate;
@@ -527,6 +536,7 @@ impl Job {
             net_rate,
             would_dirty_rate,
             copy_data_rate,
+            target_busy_permille,
             slow_target_writes: slow,
             target_writes: total,
         });
