@@ -1102,9 +1102,13 @@ def md_amp(results):
         if any(cells):
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", "QEMU: the job's `offset` (BLOCK_JOB_READY / "
-              "BLOCK_JOB_COMPLETED). blockmirror: `copied_bytes` of `job "
-              "show` right after READY and after COMPLETED. Both count "
-              "guest writes that write-blocking mode sent to the target."]
+              "BLOCK_JOB_COMPLETED), which also counts the guest writes "
+              "that write-blocking mode sent to the target. blockmirror: "
+              "`copied_bytes` of `job show` right after READY and after "
+              "COMPLETED, which counts only the copier's bytes (its "
+              "write-blocking runs show exactly 1.00 even after seconds of "
+              "synchronous guest writes), so after READY the write-blocking "
+              "columns are not like for like."]
     return "\n".join(lines)
 
 
@@ -1272,7 +1276,7 @@ def markdown(res, a):
     foot = (f"{res['host']['cpus']} CPUs; load average {res['loadavg_start']}"
             f" at start, {res['loadavg_end']} at end; blockmirrord "
             f"{res['versions'].get('blockmirrord')} (binaries built "
-            f"{res['versions'].get('binaries_built')}, work tree "
+            f"{res['versions'].get('binaries_built')}, work tree at start "
             f"{res['versions'].get('git')}); {res['versions'].get('qemu')};"
             f" {res['versions'].get('fio')} writer {res['writer']}; QEMU "
             f"cache {a.qemu_cache}; {res['date']}; {res['total_s']:.0f} s.")
@@ -1508,7 +1512,8 @@ def main():
            "host": {"cpus": os.cpu_count(), "uname": " ".join(
                platform.uname()[i] for i in (0, 2, 4))},
            "config": {k: v for k, v in vars(a).items()},
-           "writer": bench.writer_cls.kind, "loadavg_start": mi.loadavg()}
+           "writer": bench.writer_cls.kind, "loadavg_start": mi.loadavg(),
+           "git_at_start": mi.git_state()}
     log(f"work dir {workdir}; writer {bench.writer_cls.kind}; load "
         f"{res['loadavg_start']}")
     t_all = time.monotonic()
@@ -1540,7 +1545,8 @@ def main():
             "binaries_built": datetime.datetime.fromtimestamp(
                 os.path.getmtime(os.path.join(a.bin_dir, "blockmirrord"))
             ).isoformat(timespec="seconds"),
-            "git": mi.git_state(), "source_newer_than_binaries": stale,
+            "git": res["git_at_start"], "git_at_end": mi.git_state(),
+            "source_newer_than_binaries": stale,
             "qemu": subprocess.run(["qemu-storage-daemon", "--version"],
                                    stdout=subprocess.PIPE, text=True
                                    ).stdout.splitlines()[0]

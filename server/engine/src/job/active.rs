@@ -152,8 +152,13 @@ pub struct ActiveMirror {
     target_failing: AtomicBool,
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
-    /// Bound on bytes in flight (copies and synchronous guest writes).
+    /// Bound on bytes in flight (copies, synchronous guest writes, and
+    /// front-end request buffers).
     pub(crate) budget: InflightBudget,
+    /// The copier's share of `budget` (half of it): copies take from both,
+    /// so guest request buffers always find the other half free instead of
+    /// queuing behind copies waiting on a slow target.
+    pub(crate) copy_share: InflightBudget,
     /// Wakes the copier: bits were set or an error was queued.
     pub(crate) wake: Notify,
     /// Progress and rate counters.
@@ -173,10 +178,6 @@ pub struct ActiveMirror {
     /// Milliseconds after `epoch` of the last synchronous guest write
     /// (guest-first scheduling: the copier shrinks while guests are active).
     last_sync_write_ms: AtomicU64,
-    /// Synchronous guest writes now waiting on the target.
-    guests_at_target: AtomicU64,
-    /// Signalled when a synchronous guest write leaves the target.
-    guest_left_target: Notify,
     /// Guest write cap during convergence, when the runner turns it on.
     guest_throttle: Throttle,
     /// Whether `guest_throttle` applies now (set by the runner).
@@ -201,9 +202,6 @@ pub struct LatencyCounters {
 
 /// Writes to the target by guests count as "recent" for this long.
 const GUEST_ACTIVE_WINDOW_MS: u64 = 250;
-/// Longest a copy defers to guest writes waiting on the target, so the
-/// copier keeps a share of the target however busy guests are.
-const GUEST_PRIORITY_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl ActiveMirror {
     /// A mirror of a `size`-byte source at `granularity` (a power of two).
@@ -225,6 +223,11 @@ impl ActiveMirror {
             target_failing: AtomicBool::new(false),
             target,
             budget: InflightBudget::new(buf_size),
+            copy_share: InflightBudget::new(
+                (buf_size / 2)
+                    .max(u32::try_from(granularity).unwrap_or(u32::MAX))
+                    .min(buf_size),
+            ),
             wake: Notify::new(),
             counters: MirrorCounters::default(),
             errors: Mutex::new(VecDeque::new()),
@@ -232,8 +235,6 @@ impl ActiveMirror {
             copy_turn: tokio::sync::Mutex::new(()),
             epoch: tokio::time::Instant::now(),
             last_sync_write_ms: AtomicU64::new(0),
-            guests_at_target: AtomicU64::new(0),
-            guest_left_target: Notify::new(),
             guest_throttle: Throttle::default(),
             guest_throttle_on: AtomicBool::new(false),
             latency: LatencyCounters::default(),
@@ -471,13 +472,10 @@ impl ActiveMirror {
             }
             self.last_sync_write_ms
                 .store(self.now_ms().max(1), Ordering::Release);
-            self.guests_at_target.fetch_add(1, Ordering::AcqRel);
             let started = tokio::time::Instant::now();
             let (src, tgt) = tokio::join!(op.apply(source, offset, len), async {
                 let r = op.apply(&self.target, offset, len).await;
                 self.note_target_latency(started.elapsed());
-                self.guests_at_target.fetch_sub(1, Ordering::AcqRel);
-                self.guest_left_target.notify_waiters();
                 r
             });
             self.counters.sync_writes.fetch_add(1, Ordering::Relaxed);
@@ -551,18 +549,9 @@ impl ActiveMirror {
         let len = stop - off;
         speed.acquire(len).await;
         {
-            // Guest-first: one copy at a time waits for the target, and it
-            // lets guest writes already waiting there go first (for a
-            // bounded time, so the copier keeps a share).
+            // Guest-first: one copy at a time waits for the target, so a
+            // guest write queues behind at most one (small) copy there.
             let _turn = self.copy_turn.lock().await;
-            if self.guests_at_target.load(Ordering::Acquire) > 0 {
-                let _ = tokio::time::timeout(GUEST_PRIORITY_MAX_WAIT, async {
-                    while self.guests_at_target.load(Ordering::Acquire) > 0 {
-                        self.guest_left_target.notified().await;
-                    }
-                })
-                .await;
-            }
             // Pay the target's write limit before taking the range lock, so
             // a guest write to these chunks waits for the copy's I/O only,
             // not for its turn at a slow target's token bucket.

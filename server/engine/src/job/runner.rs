@@ -148,12 +148,18 @@ impl Job {
                         break;
                     };
                     let (off, stop) = self.mirror.byte_span(start, end);
-                    let Some(permit) = self.mirror.budget.try_acquire(stop - off) else {
-                        // The runner never waits for budget inline: it
-                        // selects on it below, with everything else.
+                    // The runner never waits for budget inline: it selects
+                    // on it below, with everything else.
+                    let Some(share) = self.mirror.copy_share.try_acquire(stop - off) else {
                         cursor.release(start);
                         cursor.next = start;
-                        want_budget = Some(stop - off);
+                        want_budget = Some((true, stop - off));
+                        break;
+                    };
+                    let Some(permit) = self.mirror.budget.try_acquire(stop - off) else {
+                        cursor.release(start);
+                        cursor.next = start;
+                        want_budget = Some((false, stop - off));
                         break;
                     };
                     let job = Arc::clone(&self);
@@ -163,6 +169,7 @@ impl Job {
                             .mirror
                             .copy_range(&source, start, end, &job.speed, permit)
                             .await;
+                        drop(share);
                         (start, end, r)
                     });
                 }
@@ -202,7 +209,12 @@ impl Job {
                 () = self.changed.notified() => {}
                 () = self.mirror.wake.notified() => {}
                 _ = tick.tick() => self.sample(&mut sampler, started),
-                p = self.mirror.budget.acquire(want_budget.unwrap_or(0)), if want_budget.is_some() => drop(p),
+                p = async {
+                    match want_budget {
+                        Some((true, n)) => self.mirror.copy_share.acquire(n).await,
+                        _ => self.mirror.budget.acquire(want_budget.map_or(0, |(_, n)| n)).await,
+                    }
+                }, if want_budget.is_some() => drop(p),
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => retry_at = None,
             }
         }
@@ -337,15 +349,10 @@ impl Job {
         if self.mirror.dirty_chunks() > 0 {
             return false;
         }
-        if let Err(error) = self.mirror.target().flush().await {
-            drop(gate);
-            self.on_io_error(MirrorIoError {
-                side: super::active::Side::Target,
-                operation: "flush",
-                error,
-            });
-            return false;
-        }
+        // No second flush under the gate: nothing was copied since the
+        // flush above (the runner is here, not copying), and guest writes
+        // since then went to both sides with the guest's own durability
+        // (a guest flush in write-blocking mode flushes the target too).
         if pivot {
             self.source.set_backend(Arc::clone(&self.target_backend));
             // The target volume's file now backs the source volume: the
