@@ -308,3 +308,13 @@ async fn target_outage_is_reported_and_survived() {
     assert!(out.contains("identical"), "{out}");
     let _ = content;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mirror_to_qemu_nbd() {
+    to_qemu_nbd(CopyMode::Auto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mirror_to_second_blockmirrord() {
+    to_second_blockmirrord(CopyMode::Auto).await;
+}
