@@ -52,8 +52,9 @@ impl fmt::Display for ListenAddr {
 /// blockmirrord — live block-storage mirroring service.
 ///
 /// Serves the blockmirror.v1 gRPC API (volumes, data I/O, mirror jobs,
-/// events). With no flags it keeps its state in ./blockmirror-state and
-/// listens on the unix socket ./blockmirror-state/blockmirror.sock.
+/// events) and exports volumes over NBD. With no flags it keeps its state in
+/// ./blockmirror-state, serves gRPC on the unix socket
+/// ./blockmirror-state/blockmirror.sock and NBD on ./blockmirror-state/nbd.sock.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "blockmirrord", version, about, long_about)]
 pub struct Config {
