@@ -507,6 +507,25 @@ impl Guest {
     }
 }
 
+impl Guest {
+    /// Runs this guest on its own task until `stop` is set; the task
+    /// returns the guest with its model of the region.
+    pub fn spawn(
+        mut self,
+        c: &Clients,
+        stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> tokio::task::JoinHandle<Guest> {
+        let mut c = c.clone();
+        let stop = std::sync::Arc::clone(stop);
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                self.step(&mut c).await;
+            }
+            self
+        })
+    }
+}
+
 /// Index of the first differing byte, if any (to keep failure output short).
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {

@@ -4,7 +4,7 @@
 //! mode that cannot be chosen or changed.
 
 use blockmirror_proto::v1::{self, CopyMode, JobState, watch_events_response::Kind};
-use blockmirror_tests::{Clients, Guest, TestServer, assert_same, spec};
+use blockmirror_tests::{Guest, TestServer, assert_same, spec};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,18 +12,6 @@ use tokio_stream::StreamExt;
 
 const SIZE: u64 = 8 << 20;
 const TARGET_BPS: u64 = 2 << 20;
-
-fn spawn_guest(c: &Clients, g: Guest, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<Guest> {
-    let mut c = c.clone();
-    let stop = Arc::clone(stop);
-    let mut g = g;
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            g.step(&mut c).await;
-        }
-        g
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn write_blocking_converges_where_background_does_not() {
@@ -37,7 +25,7 @@ async fn write_blocking_converges_where_background_does_not() {
         c.create_volume(&dst, SIZE).await;
         let content = c.fill_random(&src, SIZE, 11).await;
         c.limit(&dst, TARGET_BPS).await;
-        guests.push(spawn_guest(&c, Guest::new(&src, 0, content, 5), &stop));
+        guests.push(Guest::new(&src, 0, content, 5).spawn(&c, &stop));
     }
     // Let the guests get going: the dirty rate is far above 2 MiB/s.
     tokio::time::sleep(Duration::from_millis(200)).await;

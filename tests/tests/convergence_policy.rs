@@ -15,21 +15,6 @@ use tokio_stream::StreamExt;
 
 const SIZE: u64 = 8 << 20;
 
-fn spawn_guest(
-    c: &Clients,
-    mut g: Guest,
-    stop: &Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Guest> {
-    let mut c = c.clone();
-    let stop = Arc::clone(stop);
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            g.step(&mut c).await;
-        }
-        g
-    })
-}
-
 /// Copy-mode changes of `job` seen within `within`.
 async fn mode_changes(c: &mut Clients, job: &str, within: Duration) -> Vec<v1::Event> {
     let mut w = c
@@ -67,7 +52,7 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
         let content = c.fill_random(&src, SIZE, 17).await;
         c.limit(&dst, 2 << 20).await;
         if side == "bg" {
-            guests.push(spawn_guest(&c, Guest::new(&src, 0, content, 3), &stop_bg));
+            guests.push(Guest::new(&src, 0, content, 3).spawn(&c, &stop_bg));
         } else {
             // Four guests (queue depth 4): a steady load that keeps the
             // target busy, whatever else the machine is doing.
@@ -75,11 +60,9 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
             for i in 0..4u64 {
                 let r = usize::try_from(i * REGION).unwrap()
                     ..usize::try_from((i + 1) * REGION).unwrap();
-                guests.push(spawn_guest(
-                    &c,
-                    Guest::new(&src, i * REGION, content[r].to_vec(), 30 + i),
-                    &stop,
-                ));
+                guests.push(
+                    Guest::new(&src, i * REGION, content[r].to_vec(), 30 + i).spawn(&c, &stop),
+                );
             }
         }
     }

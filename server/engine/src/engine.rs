@@ -656,16 +656,16 @@ impl Engine {
     }
 
     fn restored_verb(&self, id: &str, verb: crate::job::state::Verb) -> EngineError {
-        match lock(&self.restored).get(id) {
-            Some(r) => EngineError::precondition(format!(
-                "job {id:?} is {}; {verb} is allowed only when it is {}",
-                r.status,
-                JobStatus::allowing(verb)
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+        match lock(&self.restored)
+            .get(id)
+            .map(|r| r.status.check(id, verb))
+        {
+            Some(Err(refused)) => refused,
+            // A restored job is concluded: dismiss is the only verb it
+            // allows, and dismiss does not come through here.
+            Some(Ok(())) => {
+                EngineError::precondition(format!("job {id:?} was restored from its record"))
+            }
             None => EngineError::not_found(format!("job {id:?} does not exist")),
         }
     }

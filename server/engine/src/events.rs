@@ -284,11 +284,6 @@ impl EventLog {
             live: self.live.subscribe(),
         })
     }
-
-    /// A receiver for live events only.
-    pub fn listen(&self) -> broadcast::Receiver<Event> {
-        self.live.subscribe()
-    }
 }
 
 #[cfg(test)]

@@ -119,10 +119,6 @@ pub struct MirrorCounters {
     pub copied_bytes: AtomicU64,
     /// Bytes newly marked dirty (for the dirty rate).
     pub dirtied_bytes: AtomicU64,
-    /// Guest writes that went to both sides.
-    pub sync_writes: AtomicU64,
-    /// Guest writes that went to the source only.
-    pub source_only_writes: AtomicU64,
     /// Bytes that synchronous guest writes would have dirtied in
     /// background mode (whole chunks touched): what auto mode weighs
     /// against the copy rate before it returns to background.
@@ -451,9 +447,6 @@ impl ActiveMirror {
                 return result;
             }
             if self.all_dirty(first, end) {
-                self.counters
-                    .source_only_writes
-                    .fetch_add(1, Ordering::Relaxed);
                 return op.apply(source, offset, len).await;
             }
             let bytes = op.buffer_bytes();
@@ -478,7 +471,6 @@ impl ActiveMirror {
                 self.note_target_latency(started.elapsed());
                 r
             });
-            self.counters.sync_writes.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .would_dirty_bytes
                 .fetch_add((end - first) << self.chunk_shift, Ordering::Relaxed);

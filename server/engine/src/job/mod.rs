@@ -34,7 +34,7 @@ pub mod spec;
 pub mod state;
 
 use crate::backend::BlockBackend;
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::events::{EventKind, EventLog, Progress};
 use crate::store::{JobRecord, Store};
 use crate::throttle::Throttle;
@@ -319,19 +319,7 @@ impl Job {
     }
 
     fn check_verb(&self, s: &Shared, verb: Verb) -> Result<()> {
-        if s.status.allows(verb) {
-            return Ok(());
-        }
-        let allowed: Vec<&str> = JobStatus::allowing(verb)
-            .into_iter()
-            .map(JobStatus::as_str)
-            .collect();
-        Err(EngineError::precondition(format!(
-            "job {:?} is {}; {verb} is allowed only when it is {}",
-            self.id,
-            s.status,
-            allowed.join(", ")
-        )))
+        s.status.check(&self.id, verb)
     }
 
     fn after_verb(&self, s: std::sync::MutexGuard<'_, Shared>) -> JobInfo {

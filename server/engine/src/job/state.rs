@@ -101,6 +101,22 @@ impl JobStatus {
         }
     }
 
+    /// `Ok` if this state allows `verb`; otherwise the refusal every front
+    /// end shows, naming the state and the states that would allow it.
+    ///
+    /// # Errors
+    /// `FailedPrecondition`.
+    pub fn check(self, job_id: &str, verb: Verb) -> crate::error::Result<()> {
+        if self.allows(verb) {
+            return Ok(());
+        }
+        let allowed: Vec<&str> = Self::allowing(verb).into_iter().map(Self::as_str).collect();
+        Err(crate::error::EngineError::precondition(format!(
+            "job {job_id:?} is {self}; {verb} is allowed only when it is {}",
+            allowed.join(", ")
+        )))
+    }
+
     /// The states that allow `verb`, for error messages.
     pub fn allowing(verb: Verb) -> Vec<Self> {
         Self::ALL.into_iter().filter(|s| s.allows(verb)).collect()
