@@ -10,6 +10,7 @@ use crate::job::spec::{CopyMode, MirrorSpec, TargetSpec};
 use crate::job::state::JobStatus;
 use crate::job::{Job, JobInfo, JobParts, PersistFn};
 use crate::names::validate_name;
+use crate::observe::{IoObserver, JobObserver, Observer, WriteLatencySummary};
 use crate::store::{ExportRecord, JobRecord, Store, VolumeRecord};
 use crate::throttle::RateLimits;
 use crate::volume::{Volume, VolumeRole};
@@ -61,6 +62,8 @@ pub struct Engine {
     events: Arc<EventLog>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// The observer slot shared with every volume and job.
+    observer: Observer,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,11 +136,13 @@ impl Engine {
     /// `Io` if the state directory is unusable.
     pub fn open(config: EngineConfig) -> Result<Arc<Self>> {
         let store = Arc::new(Store::open(&config.state_dir)?);
+        let observer = Observer::default();
         let mut volumes = BTreeMap::new();
         for rec in store.load_volumes()? {
             match open_file(&rec.path) {
                 Ok(backend) => {
-                    volumes.insert(rec.name.clone(), Volume::new(rec.name, backend, rec.limits));
+                    let v = Volume::new(rec.name.clone(), backend, rec.limits, observer.clone());
+                    volumes.insert(rec.name, v);
                 }
                 Err(e) => {
                     tracing::error!(volume = %rec.name, error = %e.chain(), "volume not restored")
@@ -178,7 +183,14 @@ impl Engine {
             events: Arc::new(EventLog::new(config.event_history)),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            observer,
         }))
+    }
+
+    /// Installs the observer told about every guest write, copy and job
+    /// change (telemetry). Once only; false if one was installed already.
+    pub fn set_observer(&self, observer: Arc<dyn IoObserver>) -> bool {
+        self.observer.install(observer)
     }
 
     /// The event log.
@@ -219,7 +231,12 @@ impl Engine {
     }
 
     fn insert_volume(&self, name: &str, backend: Arc<dyn BlockBackend>) -> Result<VolumeInfo> {
-        let v = Volume::new(name.to_owned(), backend, RateLimits::default());
+        let v = Volume::new(
+            name.to_owned(),
+            backend,
+            RateLimits::default(),
+            self.observer.clone(),
+        );
         {
             let mut vols = lock(&self.volumes);
             if vols.contains_key(name) {
@@ -492,6 +509,7 @@ impl Engine {
             peak_in_flight_bytes: 0,
             copied_bytes: 0,
             pivoted: rec.pivoted,
+            write_latency: WriteLatencySummary::default(),
         }
     }
 
@@ -576,6 +594,11 @@ impl Engine {
         }
         // validate() bounds buf_size to 1 GiB, which fits u32.
         let buf = u32::try_from(spec.buf_size_bytes).unwrap_or(u32::MAX);
+        let observed = Arc::new(JobObserver::new(
+            id,
+            &spec.source_volume,
+            self.observer.clone(),
+        ));
         let mirror = Arc::new(
             ActiveMirror::new(
                 size,
@@ -584,7 +607,8 @@ impl Engine {
                 buf,
                 spec.copy_mode == CopyMode::WriteBlocking,
             )
-            .with_latency_limit(spec.policy.target_latency_limit_ms),
+            .with_latency_limit(spec.policy.target_latency_limit_ms)
+            .with_observer(Arc::clone(&observed)),
         );
         let (store, volumes) = (Arc::clone(&self.store), Arc::clone(&self.volumes));
         let persist: PersistFn = Arc::new(move |absorbed: Option<&str>| {
@@ -616,6 +640,7 @@ impl Engine {
             }
             jobs.insert(id.to_owned(), Arc::clone(&job));
         }
+        observed.started(&job.spec().target.to_string(), job.spec().copy_mode);
         let _ = self.store.save_job(&job.record());
         let jobs = Arc::clone(&self.jobs);
         job.spawn(&self.tracker, move |job| {

@@ -13,6 +13,9 @@
 //! - [`rangelock`]: byte-range locks between guest writes and copies.
 //! - [`limits`]: the byte budget that bounds a job's memory.
 //! - [`throttle`]: token-bucket rate limits.
+//! - [`observe`]: I/O and job records for an observer (telemetry), and
+//!   per-job write latency histograms.
+//! - [`latency`]: the lock-free log-bucketed latency histogram.
 //! - [`backend`]: block backends (raw file / block device, remote NBD
 //!   export, memory).
 //! - [`device`]: async access to a backend on the blocking pool.
@@ -30,8 +33,10 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod job;
+pub mod latency;
 pub mod limits;
 pub mod names;
+pub mod observe;
 pub mod rangelock;
 pub mod store;
 pub mod throttle;

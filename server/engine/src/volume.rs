@@ -18,6 +18,7 @@ use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::job::active::{ActiveMirror, WriteOp};
 use crate::limits::InflightPermit;
+use crate::observe::{Observer, WriteKind, WriteTiming};
 use crate::throttle::{RateLimits, Throttle};
 use bytes::Bytes;
 use std::sync::{Arc, Mutex, RwLock};
@@ -50,6 +51,8 @@ pub struct Volume {
     mirror: RwLock<Option<Arc<ActiveMirror>>>,
     /// The job that uses this volume, and how.
     user: Mutex<Option<(String, VolumeRole)>>,
+    /// The engine's observer, told about every guest write.
+    observer: Observer,
 }
 
 fn read_lock<T: ?Sized>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -63,7 +66,12 @@ fn write_lock<T: ?Sized>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 impl Volume {
     /// A volume over `backend`.
-    pub fn new(name: String, backend: Arc<dyn BlockBackend>, limits: RateLimits) -> Arc<Self> {
+    pub fn new(
+        name: String,
+        backend: Arc<dyn BlockBackend>,
+        limits: RateLimits,
+        observer: Observer,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name,
             backend: RwLock::new(backend),
@@ -71,6 +79,7 @@ impl Volume {
             gate: Arc::new(tokio::sync::RwLock::new(())),
             mirror: RwLock::new(None),
             user: Mutex::new(None),
+            observer,
         })
     }
 
@@ -228,6 +237,7 @@ impl Volume {
         op: WriteOp,
         reserved: Option<InflightPermit>,
     ) -> Result<()> {
+        let mut timing = WriteTiming::start();
         self.check_range(offset, len)?;
         self.check_writable()?;
         if len == 0 {
@@ -240,10 +250,17 @@ impl Volume {
         }
         let _io = self.gate.read().await;
         let source = Device::unthrottled(self.backend());
-        match self.mirror() {
-            Some(m) => m.guest_write(&source, offset, len, op, reserved).await,
-            None => op.apply(&source, offset, len).await,
-        }
+        let (kind, mirror) = (WriteKind::of(&op, len), self.mirror());
+        let result = match &mirror {
+            Some(m) => {
+                m.guest_write(&source, offset, len, op, reserved, &mut timing)
+                    .await
+            }
+            None => timing.source_leg(op.apply(&source, offset, len)).await,
+        };
+        let job = mirror.as_ref().map(|m| &*m.observed);
+        (self.observer).guest_write_done(&self.name, job, offset, kind, &timing, &result);
+        result
     }
 
     /// Reserves `len` bytes of the active mirror job's memory budget for a

@@ -33,7 +33,9 @@ use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
 use crate::error::{EngineError, Result};
+use crate::job::spec::CopyMode;
 use crate::limits::{InflightBudget, InflightPermit};
+use crate::observe::{JobObserver, WriteTiming, timed};
 use crate::rangelock::RangeLocks;
 use crate::throttle::Throttle;
 use bytes::Bytes;
@@ -181,6 +183,8 @@ pub struct ActiveMirror {
     /// Target-latency guard: writes over the limit and all synchronous
     /// target writes since the runner last sampled.
     pub(crate) latency: LatencyCounters,
+    /// The job's identity, write latency histograms and observer.
+    pub(crate) observed: Arc<JobObserver>,
 }
 
 /// Counts for the target-latency guard.
@@ -234,7 +238,14 @@ impl ActiveMirror {
             guest_throttle: Throttle::default(),
             guest_throttle_on: AtomicBool::new(false),
             latency: LatencyCounters::default(),
+            observed: Arc::default(),
         }
+    }
+
+    /// Reports to `observed` (the job's observer). Call before use.
+    pub fn with_observer(mut self, observed: Arc<JobObserver>) -> Self {
+        self.observed = observed;
+        self
     }
 
     fn bitmap(&self) -> std::sync::MutexGuard<'_, DirtyBitmap> {
@@ -429,6 +440,7 @@ impl ActiveMirror {
         len: u64,
         op: WriteOp,
         reserved: Option<InflightPermit>,
+        timing: &mut WriteTiming,
     ) -> Result<()> {
         let (first, end) = self.touched(offset, len);
         // A front end that read the payload under this job's budget hands
@@ -438,16 +450,19 @@ impl ActiveMirror {
             self.guest_throttle.acquire(op.buffer_bytes()).await;
         }
         loop {
+            let asked = tokio::time::Instant::now();
             let lock = self.locks.lock(offset, offset + len).await;
+            timing.locked(asked);
+            timing.mode = Some(CopyMode::Background);
             if !self.is_write_blocking() || self.is_target_failing() {
-                let result = op.apply(source, offset, len).await;
+                let result = timing.source_leg(op.apply(source, offset, len)).await;
                 // Set even on failure: the source may hold part of the write.
                 self.mark_dirty(first, end);
                 drop(lock);
                 return result;
             }
             if self.all_dirty(first, end) {
-                return op.apply(source, offset, len).await;
+                return timing.source_leg(op.apply(source, offset, len)).await;
             }
             let bytes = op.buffer_bytes();
             if permit.is_none() && bytes > 0 {
@@ -466,11 +481,13 @@ impl ActiveMirror {
             self.last_sync_write_ms
                 .store(self.now_ms().max(1), Ordering::Release);
             let started = tokio::time::Instant::now();
-            let (src, tgt) = tokio::join!(op.apply(source, offset, len), async {
+            let (src, tgt) = tokio::join!(timed(op.apply(source, offset, len)), async {
                 let r = op.apply(&self.target, offset, len).await;
-                self.note_target_latency(started.elapsed());
-                r
+                let took = started.elapsed();
+                self.note_target_latency(took);
+                (r, took)
             });
+            let (src, tgt) = timing.both_legs(CopyMode::WriteBlocking, src, tgt);
             self.counters
                 .would_dirty_bytes
                 .fetch_add((end - first) << self.chunk_shift, Ordering::Relaxed);
@@ -549,13 +566,17 @@ impl ActiveMirror {
             // not for its turn at a slow target's token bucket.
             self.target.pay(len).await;
         }
+        let asked = tokio::time::Instant::now();
         let _lock = self.locks.lock(off, stop).await;
+        let locked = tokio::time::Instant::now();
         let cleared = self.bitmap().clear_range(start, end).unwrap_or(0);
         if cleared == 0 {
             // Synchronous guest writes made these chunks equal meanwhile.
             return Ok(0);
         }
         let result = self.copy_locked(source, off, len).await;
+        let zeroes = result.as_ref().map(|c| *c == Copied::Zeroes);
+        self.observed.copy_done(off, len, asked, locked, zeroes);
         drop(permit);
         match result {
             Ok(copied) => {
@@ -750,7 +771,9 @@ mod tests {
                                     fua: false,
                                 }
                             };
-                            m.guest_write(&source, off, len, op, None).await.unwrap();
+                            m.guest_write(&source, off, len, op, None, &mut WriteTiming::start())
+                                .await
+                                .unwrap();
                         }
                         done.fetch_add(1, Ordering::Relaxed);
                     }));

@@ -81,6 +81,8 @@ pub struct JobInfo {
     pub copied_bytes: u64,
     /// The source volume was switched to the target.
     pub pivoted: bool,
+    /// Percentiles of guest write latency while the job ran.
+    pub write_latency: crate::observe::WriteLatencySummary,
 }
 
 /// Requests and figures guarded by the job's mutex.
@@ -274,6 +276,7 @@ impl Job {
             peak_in_flight_bytes: self.mirror.budget.peak(),
             copied_bytes: self.mirror.counters.copied_bytes.load(Ordering::Relaxed),
             pivoted: s.pivoted,
+            write_latency: self.mirror.observed.latencies.summary(),
         }
     }
 
@@ -312,6 +315,7 @@ impl Job {
             return;
         }
         tracing::info!(job_id = %self.id, from = %s.status, %to, "job state");
+        (self.mirror.observed).status(s.status, to, s.error.as_deref());
         s.status = to;
         s.updated_at = SystemTime::now();
         self.emit(s, EventKind::StatusChange(to));
