@@ -11,7 +11,9 @@
 //! convergence forecast is a lowercase name (`"convergence": "converging"`),
 //! `null` when the server sent none.
 
-use blockmirror_proto::v1::{Event, EventType, Export, Job, MirrorSpec, Volume};
+use blockmirror_proto::v1::{
+    Event, EventType, Export, Job, LatencyPercentiles, MirrorSpec, Volume, WriteLatency,
+};
 use serde_json::{Map, Value, json};
 
 use crate::names::{
@@ -43,7 +45,26 @@ pub fn job_json(job: &Job) -> Value {
         "created_at": timestamp(job.created_at.as_ref()),
         "updated_at": timestamp(job.updated_at.as_ref()),
         "last_event_sequence": job.last_event_sequence,
+        "write_latency": write_latency_json(job.write_latency.as_deref()),
         "spec": job.spec.as_ref().map(spec_json),
+    })
+}
+
+/// A job's write latency percentiles: `{"guest": {"count", "p50_us",
+/// "p99_us"}, "source": .., "target": .., "range_lock_wait": ..}`; a
+/// percentile is `null` while its count is 0.
+pub fn write_latency_json(w: Option<&WriteLatency>) -> Value {
+    let one = |p: Option<&LatencyPercentiles>| {
+        let p = p.copied().unwrap_or_default();
+        let us = |v: u64| if p.count == 0 { Value::Null } else { v.into() };
+        json!({"count": p.count, "p50_us": us(p.p50_us), "p99_us": us(p.p99_us)})
+    };
+    let w = w.cloned().unwrap_or_default();
+    json!({
+        "guest": one(w.guest.as_ref()),
+        "source": one(w.source.as_ref()),
+        "target": one(w.target.as_ref()),
+        "range_lock_wait": one(w.range_lock_wait.as_ref()),
     })
 }
 
@@ -257,6 +278,9 @@ mod tests {
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
+        // No latency yet: counts 0, percentiles null.
+        assert_eq!(v["write_latency"]["guest"]["count"], 0);
+        assert_eq!(v["write_latency"]["target"]["p99_us"], Value::Null);
         let spec = &v["spec"];
         assert_eq!(spec["source_volume"], "src");
         assert_eq!(spec["target"], "volume:dst");

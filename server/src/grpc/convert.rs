@@ -9,6 +9,8 @@ use blockmirror_engine::job::spec::{
     MirrorSpec, SyncMode, TargetSpec,
 };
 use blockmirror_engine::job::state::JobStatus;
+use blockmirror_engine::latency::LatencySummary;
+use blockmirror_engine::observe::WriteLatencySummary;
 use blockmirror_proto::v1;
 use std::time::SystemTime;
 use tonic::Status;
@@ -251,6 +253,26 @@ pub fn job(j: JobInfo) -> v1::Job {
         pivoted: j.pivoted,
         convergence: convergence(j.progress.convergence) as i32,
         eta_to_ready_ms: j.progress.eta_to_ready_ms,
+        write_latency: Some(Box::new(write_latency(&j.write_latency))),
+    }
+}
+
+fn write_latency(w: &WriteLatencySummary) -> v1::WriteLatency {
+    let percentiles = |s: &LatencySummary| {
+        let us = |d: Option<std::time::Duration>| {
+            d.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        };
+        v1::LatencyPercentiles {
+            count: s.count,
+            p50_us: us(s.p50),
+            p99_us: us(s.p99),
+        }
+    };
+    v1::WriteLatency {
+        guest: Some(percentiles(&w.guest)),
+        source: Some(percentiles(&w.source)),
+        target: Some(percentiles(&w.target)),
+        range_lock_wait: Some(percentiles(&w.lock_wait)),
     }
 }
 

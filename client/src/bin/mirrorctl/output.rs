@@ -10,7 +10,9 @@ use blockmirror_client::names::{
     convergence_name, copy_mode_name, error_policy_name, event_type_name, job_state_name,
     sync_mode_name,
 };
-use blockmirror_client::proto::{Convergence, Event, EventType, Export, Job, Volume};
+use blockmirror_client::proto::{
+    Convergence, Event, EventType, Export, Job, LatencyPercentiles, Volume,
+};
 use blockmirror_client::{WatchItem, format_rate, format_size};
 use serde_json::Value;
 
@@ -226,6 +228,19 @@ fn format_millis(ms: u64) -> String {
     }
 }
 
+/// `p50 120 us, p99 2.1 ms (1234 writes)`, or `-` before the first write.
+fn latency_text(p: Option<&LatencyPercentiles>) -> String {
+    match p {
+        Some(p) if p.count > 0 => format!(
+            "p50 {}, p99 {} ({} writes)",
+            format_micros(p.p50_us),
+            format_micros(p.p99_us),
+            p.count
+        ),
+        _ => "-".to_owned(),
+    }
+}
+
 /// RFC 3339, or `-` if unset.
 fn timestamp(ts: Option<&prost_types::Timestamp>) -> String {
     ts.map_or_else(|| "-".to_owned(), ToString::to_string)
@@ -267,6 +282,12 @@ pub(crate) fn job_details(job: &Job) -> String {
         ("updated_at", timestamp(job.updated_at.as_ref())),
         ("last_event_sequence", job.last_event_sequence.to_string()),
     ];
+    let w = job.write_latency.as_deref().cloned().unwrap_or_default();
+    pairs.extend([
+        ("write_latency_guest", latency_text(w.guest.as_ref())),
+        ("write_latency_source", latency_text(w.source.as_ref())),
+        ("write_latency_target", latency_text(w.target.as_ref())),
+    ]);
     if let Some(spec) = &job.spec {
         let default_or = |n: u64, default: &str| {
             if n == 0 {
@@ -892,5 +913,24 @@ mod tests {
     fn micros() {
         assert_eq!(format_micros(850), "850 us");
         assert_eq!(format_micros(1_200_000), "1.20 s");
+    }
+
+    #[test]
+    fn write_latency_lines() {
+        assert_eq!(latency_text(None), "-");
+        let p = LatencyPercentiles {
+            count: 3,
+            p50_us: 120,
+            p99_us: 2_100,
+        };
+        assert_eq!(latency_text(Some(&p)), "p50 120 us, p99 2.1 ms (3 writes)");
+        let mut job = job();
+        job.write_latency = Some(Box::new(blockmirror_client::proto::WriteLatency {
+            guest: Some(p),
+            ..Default::default()
+        }));
+        let text = job_details(&job);
+        assert!(text.contains("write_latency_guest"), "{text}");
+        assert!(text.contains("p99 2.1 ms"), "{text}");
     }
 }
