@@ -55,6 +55,14 @@ impl fmt::Display for ListenAddr {
 /// events) and exports volumes over NBD. With no flags it keeps its state in
 /// ./blockmirror-state, serves gRPC on the unix socket
 /// ./blockmirror-state/blockmirror.sock and NBD on ./blockmirror-state/nbd.sock.
+///
+/// Telemetry: with OTEL_EXPORTER_OTLP_ENDPOINT (or its _TRACES_ / _METRICS_
+/// forms) set, spans and metrics go to that OTLP/gRPC collector; the
+/// standard OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES,
+/// OTEL_TRACES_SAMPLER(_ARG) and OTEL_EXPORTER_OTLP_* variables apply.
+/// Unset, nothing is exported and nothing is measured beyond the per-job
+/// percentiles of GetJob. --metrics-listen serves the same metrics to
+/// Prometheus.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "blockmirrord", version, about, long_about)]
 pub struct Config {
@@ -100,6 +108,40 @@ pub struct Config {
     /// Log filter (tracing EnvFilter syntax), e.g. info or blockmirror_engine=debug.
     #[arg(long, env = "BLOCKMIRROR_LOG", default_value = "info")]
     pub log: String,
+
+    /// Fraction of guest writes (and copy operations) traced, 0 to 1,
+    /// decided per write before any span is built. Applies only while
+    /// traces are exported (OTEL_EXPORTER_OTLP_ENDPOINT set).
+    #[arg(long, env = "BLOCKMIRROR_TRACE_WRITE_SAMPLE_RATIO", default_value_t = 0.01,
+          value_parser = parse_ratio)]
+    pub trace_write_sample_ratio: f64,
+
+    /// Guest writes and copy operations slower than this many
+    /// milliseconds are always traced, whatever the sample ratio
+    /// (0 = off).
+    #[arg(long, env = "BLOCKMIRROR_TRACE_SLOW_WRITE_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub trace_slow_write_ms: u64,
+
+    /// Serve Prometheus metrics (text format, GET /metrics) on HOST:PORT,
+    /// e.g. 0.0.0.0:9464. Off by default.
+    #[arg(long, env = "BLOCKMIRROR_METRICS_LISTEN", value_parser = parse_metrics_addr)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        Ok(r) => Err(format!("{r} is not between 0 and 1")),
+        Err(e) => Err(format!(
+            "{s:?}: {e}; expected a number between 0 and 1, e.g. 0.01"
+        )),
+    }
+}
+
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|e| format!("{s:?}: {e}; expected HOST:PORT with a numeric IP, e.g. 0.0.0.0:9464"))
 }
 
 impl Config {
@@ -130,6 +172,11 @@ impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
+
+    /// Writes slower than this are always traced; `None` = off.
+    pub fn trace_slow_write(&self) -> Option<Duration> {
+        (self.trace_slow_write_ms > 0).then(|| Duration::from_millis(self.trace_slow_write_ms))
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +199,23 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.listeners().len(), 2);
+        let c = Config::try_parse_from(["blockmirrord"]).unwrap();
+        assert!((c.trace_write_sample_ratio - 0.01).abs() < f64::EPSILON);
+        assert_eq!(c.trace_slow_write(), Some(Duration::from_millis(50)));
+        assert_eq!(c.metrics_listen, None);
+        let c = Config::try_parse_from([
+            "blockmirrord",
+            "--trace-write-sample-ratio",
+            "1",
+            "--trace-slow-write-ms",
+            "0",
+            "--metrics-listen",
+            "127.0.0.1:9464",
+        ])
+        .unwrap();
+        assert!((c.trace_write_sample_ratio - 1.0).abs() < f64::EPSILON);
+        assert_eq!(c.trace_slow_write(), None);
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
     }
 
     #[test]
@@ -162,6 +226,12 @@ mod tests {
             vec!["blockmirrord", "--listen", "unix:"],
             vec!["blockmirrord", "--event-history", "0"],
             vec!["blockmirrord", "--bogus"],
+            vec!["blockmirrord", "--trace-write-sample-ratio", "2.0"],
+            vec!["blockmirrord", "--trace-write-sample-ratio", "-0.1"],
+            vec!["blockmirrord", "--trace-write-sample-ratio", "NaN"],
+            vec!["blockmirrord", "--trace-slow-write-ms", "x"],
+            vec!["blockmirrord", "--metrics-listen", "localhost:9464"],
+            vec!["blockmirrord", "--metrics-listen", "9464"],
         ] {
             assert!(Config::try_parse_from(&args).is_err(), "{args:?}");
         }

@@ -6,7 +6,8 @@
 //! - [`grpc`]: the tonic services (volumes, data, jobs, events), health and
 //!   reflection; engine errors become status codes in `grpc::status`.
 //! - [`nbd`]: the NBD server (handshake, transmission, errno mapping).
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logs, OpenTelemetry traces and metrics, the Prometheus
+//!   endpoint.
 //! - [`run`]: binds the listeners, serves until shutdown, then drains.
 
 pub mod config;
@@ -44,6 +45,9 @@ pub enum RunError {
     /// A listener failed while serving.
     #[error("serving gRPC")]
     Serve(#[source] tonic::transport::Error),
+    /// Telemetry could not start.
+    #[error("starting telemetry")]
+    Telemetry(#[source] telemetry::TelemetryError),
 }
 
 /// A bound listener, ready to serve.
@@ -113,6 +117,9 @@ pub async fn run(
         event_history: usize::try_from(config.event_history).unwrap_or(usize::MAX),
     })
     .map_err(RunError::State)?;
+    let telemetry = telemetry::Telemetry::start(config, &engine)
+        .await
+        .map_err(RunError::Telemetry)?;
     let routes = grpc::routes(Arc::clone(&engine), config.heartbeat())
         .await
         .map_err(RunError::Routes)?;
@@ -134,7 +141,26 @@ pub async fn run(
     }
     let mut servers = tokio::task::JoinSet::new();
     for l in listeners {
-        let router = tonic::transport::Server::builder().add_routes(routes.clone());
+        let server = match &l {
+            Listener::Unix(u) => telemetry::rpc::ServerAddress {
+                address: u
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                    .unwrap_or_default(),
+                port: None,
+            },
+            Listener::Tcp(t) => {
+                let a = t.local_addr().ok();
+                telemetry::rpc::ServerAddress {
+                    address: a.map(|a| a.ip().to_string()).unwrap_or_default(),
+                    port: a.map(|a| a.port()),
+                }
+            }
+        };
+        let router = tonic::transport::Server::builder()
+            .layer(tower::util::option_layer(telemetry.rpc_layer(server)))
+            .add_routes(routes.clone());
         let stop = stop.clone();
         match l {
             Listener::Unix(u) => {
@@ -180,6 +206,7 @@ pub async fn run(
             let _ = std::fs::remove_file(p);
         }
     }
+    telemetry.shutdown().await;
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)
 }

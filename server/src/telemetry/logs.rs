@@ -1,4 +1,5 @@
-//! Logging set-up: `tracing` with an env filter, to stderr.
+//! Logging set-up: `tracing` with an env filter, to stderr. One line per
+//! lifecycle event (listeners, volumes, jobs); per-I/O events are `debug`.
 
 use tracing_subscriber::EnvFilter;
 
