@@ -5,12 +5,14 @@
 //! connection), so each wrapper holds its own clone and every method takes
 //! `&self`.
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::data::DataClient;
 use crate::endpoint::Endpoint;
 use crate::error::ClientError;
 use crate::job::JobClient;
+use crate::trace::{TraceContext, TracedChannel};
 use crate::volume::VolumeClient;
 use crate::watch::WatchClient;
 
@@ -19,6 +21,8 @@ use crate::watch::WatchClient;
 pub struct Client {
     /// The HTTP/2 channel every service call goes over.
     channel: Channel,
+    /// Trace context sent on every call (none by default).
+    trace: TraceContext,
 }
 
 impl Client {
@@ -45,26 +49,41 @@ impl Client {
     /// Wraps an existing channel (for example one over an in-memory duplex
     /// stream in tests).
     pub fn from_channel(channel: Channel) -> Self {
-        Self { channel }
+        Self {
+            channel,
+            trace: TraceContext::default(),
+        }
+    }
+
+    /// Sends `trace` (W3C `traceparent`/`tracestate`) on every call, so
+    /// blockmirrord's spans continue the caller's trace.
+    #[must_use]
+    pub fn with_trace_context(mut self, trace: TraceContext) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    fn traced(&self) -> TracedChannel {
+        InterceptedService::new(self.channel.clone(), self.trace.clone())
     }
 
     /// The volume service: create, attach, list, delete, limits.
     pub fn volumes(&self) -> VolumeClient {
-        VolumeClient::new(self.channel.clone())
+        VolumeClient::new(self.traced())
     }
 
     /// The data service: read, write, flush, discard, write-zeroes.
     pub fn data(&self) -> DataClient {
-        DataClient::new(self.channel.clone())
+        DataClient::new(self.traced())
     }
 
     /// The job service: start, inspect and steer mirror jobs.
     pub fn jobs(&self) -> JobClient {
-        JobClient::new(self.channel.clone())
+        JobClient::new(self.traced())
     }
 
     /// The event stream of the job service.
     pub fn watch(&self) -> WatchClient {
-        WatchClient::new(self.channel.clone())
+        WatchClient::new(self.traced())
     }
 }

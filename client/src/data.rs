@@ -6,12 +6,12 @@
 //! requests of at most [`MAX_REQUEST_BYTES`]. Each request is atomic on its
 //! own; a split read or write as a whole is not.
 
+use crate::trace::TracedChannel;
 use blockmirror_proto::v1::{
     DiscardRequest, FlushRequest, ReadRequest, WriteRequest, WriteZeroesRequest,
     data_service_client::DataServiceClient,
 };
 use bytes::Bytes;
-use tonic::transport::Channel;
 
 use crate::error::ClientError;
 
@@ -23,11 +23,11 @@ pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct DataClient {
     /// The generated stub; cloned per call because its methods take `&mut`.
-    inner: DataServiceClient<Channel>,
+    inner: DataServiceClient<TracedChannel>,
 }
 
 impl DataClient {
-    pub(crate) fn new(channel: Channel) -> Self {
+    pub(crate) fn new(channel: TracedChannel) -> Self {
         Self {
             inner: DataServiceClient::new(channel),
         }

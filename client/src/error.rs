@@ -37,6 +37,12 @@ pub enum ClientError {
         /// The server's message, unchanged.
         message: String,
     },
+    /// A W3C trace context value is malformed.
+    #[error("invalid trace context: {what} is not valid")]
+    InvalidTraceContext {
+        /// `traceparent` or `tracestate`.
+        what: &'static str,
+    },
     /// A reply lacked a field the API promises (a server bug).
     #[error("malformed reply from blockmirrord: {what}")]
     MalformedReply {
@@ -50,9 +56,10 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             Self::Status { code, .. } => Some(*code),
-            Self::InvalidEndpoint { .. } | Self::Connect { .. } | Self::MalformedReply { .. } => {
-                None
-            }
+            Self::InvalidEndpoint { .. }
+            | Self::Connect { .. }
+            | Self::InvalidTraceContext { .. }
+            | Self::MalformedReply { .. } => None,
         }
     }
 

@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
+use crate::trace::TracedChannel;
 use blockmirror_proto::v1::{
     CancelJobRequest, ChangeJobRequest, CopyMode, GetJobRequest, Job, JobRequest, JobState,
     ListJobsRequest, MirrorSpec, SetJobSpeedRequest, StartMirrorRequest, WaitJobRequest,
     job_service_client::JobServiceClient,
 };
-use tonic::transport::Channel;
 
 use crate::error::ClientError;
 
@@ -19,11 +19,11 @@ use crate::error::ClientError;
 #[derive(Debug, Clone)]
 pub struct JobClient {
     /// The generated stub; cloned per call because its methods take `&mut`.
-    inner: JobServiceClient<Channel>,
+    inner: JobServiceClient<TracedChannel>,
 }
 
 impl JobClient {
-    pub(crate) fn new(channel: Channel) -> Self {
+    pub(crate) fn new(channel: TracedChannel) -> Self {
         Self {
             inner: JobServiceClient::new(channel),
         }

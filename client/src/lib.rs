@@ -33,6 +33,8 @@
 //! - [`json`]: the JSON forms of jobs, volumes, exports and events.
 //! - [`size`]: [`parse_size`] and [`format_size`] (`64K`, `1.5 GiB`).
 //! - [`error`]: the error type, [`ClientError`].
+//! - [`trace`]: [`TraceContext`], the caller's W3C trace context sent on
+//!   every call.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -44,6 +46,7 @@ pub mod job;
 pub mod json;
 pub mod names;
 pub mod size;
+pub mod trace;
 pub mod view;
 pub mod volume;
 pub mod wait;
@@ -61,6 +64,7 @@ pub use endpoint::Endpoint;
 pub use error::ClientError;
 pub use job::JobClient;
 pub use size::{SizeError, format_rate, format_size, parse_size};
+pub use trace::TraceContext;
 pub use view::{JobEnd, JobView};
 pub use volume::{LimitsUpdate, VolumeClient};
 pub use wait::{WaitOptions, WaitOutcome, WaitReport};

@@ -1,12 +1,12 @@
 //! [`VolumeClient`]: typed calls of `blockmirror.v1.VolumeService`:
 //! volumes, their write limits, and their NBD exports.
 
+use crate::trace::TracedChannel;
 use blockmirror_proto::v1::{
     AddExportRequest, AttachVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest, Export,
     GetVolumeRequest, IoLimits, ListExportsRequest, ListVolumesRequest, RemoveExportRequest,
     SetVolumeLimitsRequest, Volume, volume_service_client::VolumeServiceClient,
 };
-use tonic::transport::Channel;
 
 use crate::error::ClientError;
 
@@ -14,7 +14,7 @@ use crate::error::ClientError;
 #[derive(Debug, Clone)]
 pub struct VolumeClient {
     /// The generated stub; cloned per call because its methods take `&mut`.
-    inner: VolumeServiceClient<Channel>,
+    inner: VolumeServiceClient<TracedChannel>,
 }
 
 /// New write limits for a volume; a `None` field keeps the current value.
@@ -27,7 +27,7 @@ pub struct LimitsUpdate {
 }
 
 impl VolumeClient {
-    pub(crate) fn new(channel: Channel) -> Self {
+    pub(crate) fn new(channel: TracedChannel) -> Self {
         Self {
             inner: VolumeServiceClient::new(channel),
         }

@@ -8,13 +8,13 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::trace::TracedChannel;
 use blockmirror_proto::v1::{
     Event, Job, WatchEventsRequest, WatchEventsResponse, job_service_client::JobServiceClient,
     watch_events_response::Kind,
 };
 use futures::Stream;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 use crate::error::ClientError;
 
@@ -22,7 +22,7 @@ use crate::error::ClientError;
 #[derive(Debug, Clone)]
 pub struct WatchClient {
     /// The generated stub; cloned per call because its methods take `&mut`.
-    inner: JobServiceClient<Channel>,
+    inner: JobServiceClient<TracedChannel>,
 }
 
 /// One message of the event stream.
@@ -40,7 +40,7 @@ pub enum WatchItem {
 }
 
 impl WatchClient {
-    pub(crate) fn new(channel: Channel) -> Self {
+    pub(crate) fn new(channel: TracedChannel) -> Self {
         Self {
             inner: JobServiceClient::new(channel),
         }

@@ -160,6 +160,20 @@ pub(crate) enum Command {
     Data(DataCmd),
 }
 
+impl Command {
+    /// The subcommand's name, for the command's span.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Volume(_) => "volume",
+            Self::Export(_) => "export",
+            Self::Mirror(_) => "mirror",
+            Self::Job(_) => "job",
+            Self::Watch(_) => "watch",
+            Self::Data(_) => "data",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum VolumeCmd {
     /// Create a new sparse raw file and register it as a volume.

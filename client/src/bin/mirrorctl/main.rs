@@ -9,9 +9,11 @@
 //! - `cli`: the clap definitions.
 //! - `output`: tables, `key: value` lines and JSON for stdout.
 //! - `progress`: live progress bars on stderr.
+//! - `otel`: the command's own span when the OpenTelemetry variables are set.
 #![forbid(unsafe_code)]
 
 mod cli;
+mod otel;
 mod output;
 mod progress;
 
@@ -25,8 +27,8 @@ use blockmirror_client::data::MAX_REQUEST_BYTES;
 use blockmirror_client::names::{generate_job_id, job_state_name};
 use blockmirror_client::proto::{Job, JobState, MirrorSpec, SyncMode};
 use blockmirror_client::{
-    Client, ClientError, Endpoint, JobEnd, JobView, LimitsUpdate, WaitOptions, WaitOutcome,
-    WaitReport, WatchItem, format_size,
+    Client, ClientError, Endpoint, JobEnd, JobView, LimitsUpdate, TraceContext, WaitOptions,
+    WaitOutcome, WaitReport, WatchItem, format_size,
 };
 use futures::StreamExt as _;
 use serde_json::json;
@@ -71,10 +73,16 @@ fn main() -> ExitCode {
     };
     let is_watch = matches!(cli.command, Command::Watch(_));
     let result = runtime.block_on(async {
-        tokio::select! {
-            r = run(&cli) => r.map(|()| true),
+        let trace = otel::CliTrace::start(cli.command.name());
+        let headers = trace.as_ref().and_then(otel::CliTrace::headers);
+        let result = tokio::select! {
+            r = run(&cli, headers) => r.map(|()| true),
             () = interrupted() => Ok(false),
+        };
+        if let Some(trace) = trace {
+            trace.end(result.as_ref().err().map(chain_text)).await;
         }
+        result
     });
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -155,12 +163,15 @@ fn connect_hint(e: &ClientError) -> Option<String> {
     }
 }
 
-async fn run(cli: &Cli) -> anyhow::Result<()> {
+async fn run(cli: &Cli, trace: Option<TraceContext>) -> anyhow::Result<()> {
     let endpoint = match &cli.endpoint {
         Some(url) => Endpoint::parse(url)?,
         None => Endpoint::Unix(cli.socket.clone()),
     };
-    let client = Client::connect_endpoint(&endpoint).await?;
+    let mut client = Client::connect_endpoint(&endpoint).await?;
+    if let Some(trace) = trace {
+        client = client.with_trace_context(trace);
+    }
     let p = Printer { format: cli.output };
     match &cli.command {
         Command::Volume(cmd) => volume(&client, p, cmd).await,
