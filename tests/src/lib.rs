@@ -10,6 +10,10 @@
 //! - [`Guest`]: a guest writer that keeps a model of what the disk must
 //!   hold, so a test can check every acknowledged write afterwards.
 //! - helpers to wait for jobs and events.
+//! - [`otlp`]: an in-process OTLP/gRPC receiver (traces and metrics), also
+//!   behind the `otlp-sink` binary the telemetry benchmark uses.
+
+pub mod otlp;
 
 use blockmirror_proto::v1::{
     self, data_service_client::DataServiceClient, job_service_client::JobServiceClient,
@@ -95,8 +99,21 @@ impl TestServer {
         Self::start_in(dir, extra)
     }
 
+    /// Starts a server with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bm-test")
+            .tempdir()
+            .expect("tempdir");
+        Self::spawn(dir, extra, env)
+    }
+
     /// Starts a server on an existing state directory (restart tests).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::spawn(dir, extra, &[])
+    }
+
+    fn spawn(dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let socket = dir.path().join("state").join("blockmirror.sock");
         let nbd_socket = dir.path().join("state").join("nbd.sock");
         let log = dir.path().join("blockmirrord.log");
@@ -106,6 +123,7 @@ impl TestServer {
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .args(extra)
+            .envs(env.iter().copied())
             .env("BLOCKMIRROR_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
