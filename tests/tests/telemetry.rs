@@ -83,10 +83,7 @@ fn total(m: &HashMap<String, Vec<(String, f64)>>, name: &str) -> f64 {
     m.get(name).map_or(0.0, |v| v.iter().map(|(_, x)| x).sum())
 }
 
-fn find<'a>(
-    spans: &'a [ReceivedSpan],
-    f: impl Fn(&ReceivedSpan) -> bool,
-) -> Option<&'a ReceivedSpan> {
+fn find(spans: &[ReceivedSpan], f: impl Fn(&ReceivedSpan) -> bool) -> Option<&ReceivedSpan> {
     spans.iter().find(|s| f(s))
 }
 
