@@ -349,6 +349,137 @@ impl SpanRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::sampler::HonourWriteDecision;
+    use blockmirror_engine::observe::WriteTiming;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, Sampler, SdkTracerProvider, SpanData};
+
+    fn recorder(ratio: f64) -> (SpanRecorder, SdkTracerProvider, InMemorySpanExporter) {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            // The environment's sampler drops everything; write and copy
+            // spans are recorded anyway (the recorder decided), job spans not.
+            .with_sampler(HonourWriteDecision {
+                env: Box::new(Sampler::AlwaysOff),
+            })
+            .build();
+        let r = SpanRecorder::new(
+            provider.tracer("test"),
+            WriteSampler::new(ratio, Some(Duration::from_millis(50))),
+        );
+        (r, provider, exporter)
+    }
+
+    fn attr(s: &SpanData, key: &str) -> Option<String> {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    }
+
+    #[test]
+    fn write_and_copy_spans_carry_the_documented_attributes() {
+        let (r, provider, exporter) = recorder(1.0);
+        let mut timing = WriteTiming::start();
+        timing.mode = Some(CopyMode::WriteBlocking);
+        timing.source = Some(Duration::from_micros(30));
+        timing.target = Some(Duration::from_micros(70));
+        r.guest_write(&GuestWrite {
+            volume: "v",
+            job_id: Some("j"),
+            offset: 8192,
+            kind: WriteKind::Data {
+                len: 4096,
+                fua: true,
+            },
+            timing: &timing,
+            total: Duration::from_micros(90),
+            error: None,
+        });
+        r.copy(&CopyOp {
+            job_id: "j",
+            volume: "v",
+            offset: 0,
+            len: 1 << 20,
+            lock_wait: Duration::ZERO,
+            total: Duration::from_millis(2),
+            outcome: CopyOutcome::Failed {
+                side: Side::Target,
+                kind: ErrorKind::Io,
+            },
+        });
+        provider.force_flush().unwrap();
+        let spans = exporter.get_finished_spans().unwrap();
+        let w = spans
+            .iter()
+            .find(|s| s.name == "write v")
+            .expect("write span");
+        for (k, v) in [
+            ("disk.io.direction", "write"),
+            ("blockmirror.job.id", "j"),
+            ("blockmirror.write.offset", "8192"),
+            ("blockmirror.write.bytes", "4096"),
+            ("blockmirror.write.fua", "true"),
+            ("blockmirror.copy_mode", "write_blocking"),
+            ("blockmirror.write.target_latency_s", "0.00007"),
+            ("blockmirror.sample.reason", "ratio"),
+            ("blockmirror.write.result", "ok"),
+        ] {
+            assert_eq!(attr(w, k).as_deref(), Some(v), "{k}");
+        }
+        assert_eq!(w.span_kind, SpanKind::Server);
+        let took = w.end_time.duration_since(w.start_time).unwrap();
+        assert_eq!(
+            took,
+            Duration::from_micros(90),
+            "built with the measured times"
+        );
+        let c = spans
+            .iter()
+            .find(|s| s.name == "copy v")
+            .expect("copy span");
+        for (k, v) in [
+            ("blockmirror.copy.bytes", "1048576"),
+            ("blockmirror.copy.result", "error"),
+            ("blockmirror.copy.failed_side", "target"),
+            ("error.type", "io"),
+        ] {
+            assert_eq!(attr(c, k).as_deref(), Some(v), "{k}");
+        }
+    }
+
+    #[test]
+    fn ratio_zero_builds_only_slow_writes() {
+        let (r, provider, exporter) = recorder(0.0);
+        let timing = WriteTiming::start();
+        for total in [Duration::from_micros(50), Duration::from_millis(60)] {
+            r.guest_write(&GuestWrite {
+                volume: "v",
+                job_id: None,
+                offset: 0,
+                kind: WriteKind::Zeroes {
+                    len: 512,
+                    punch: true,
+                },
+                timing: &timing,
+                total,
+                error: Some(ErrorKind::Io),
+            });
+        }
+        provider.force_flush().unwrap();
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), 1, "{spans:#?}");
+        assert_eq!(
+            attr(&spans[0], "blockmirror.write.slow").as_deref(),
+            Some("true")
+        );
+        assert_eq!(attr(&spans[0], "error.type").as_deref(), Some("io"));
+        assert_eq!(
+            attr(&spans[0], "blockmirror.copy_mode").as_deref(),
+            Some("none")
+        );
+    }
 
     #[test]
     fn nbd_targets_name_their_server() {
