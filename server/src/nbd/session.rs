@@ -34,7 +34,7 @@ use blockmirror_nbd::request::{Command, REQUEST_LEN, Request};
 use blockmirror_nbd::{MAX_PAYLOAD_BYTES, WireError};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -296,8 +296,13 @@ fn option_error(opt: u32, code: u32, msg: &str) -> Vec<u8> {
 /// releases once queued.
 type ReplyParts = Vec<Bytes>;
 
+/// Socket read buffer: a pipelining client's headers and small payloads
+/// arrive many per system call instead of two calls per request. Bigger
+/// payloads bypass it.
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
 async fn transmission<R, W>(
-    mut rd: R,
+    rd: R,
     wr: W,
     sel: Selected,
     shutdown: CancellationToken,
@@ -312,6 +317,7 @@ where
     let requests = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
     let bytes = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES as usize));
     let sel = Arc::new(sel);
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let result = loop {
         let request_permit = tokio::select! {
             p = Arc::clone(&requests).acquire_owned() => p.expect("semaphore never closed"),
