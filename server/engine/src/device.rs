@@ -16,6 +16,9 @@ pub struct Device {
     pub backend: Arc<dyn BlockBackend>,
     /// Write limits (shared with the owning volume), if any.
     pub throttle: Option<Arc<Throttle>>,
+    /// Writes take the throttle's priority lane (guest writes on a mirror
+    /// target go ahead of bulk copy).
+    pub priority: bool,
 }
 
 /// Largest read tried inline on a runtime worker: copying this much from
@@ -39,6 +42,15 @@ impl Device {
         Self {
             backend,
             throttle: None,
+            priority: false,
+        }
+    }
+
+    /// The same device, with writes in the throttle's priority lane.
+    pub fn with_priority(&self) -> Self {
+        Self {
+            priority: true,
+            ..self.clone()
         }
     }
 
@@ -59,8 +71,10 @@ impl Device {
     }
 
     async fn throttle(&self, bytes: u64) {
-        if let Some(t) = &self.throttle {
-            t.acquire(bytes).await;
+        match &self.throttle {
+            Some(t) if self.priority => t.acquire_priority(bytes).await,
+            Some(t) => t.acquire(bytes).await,
+            None => {}
         }
     }
 

@@ -148,6 +148,9 @@ pub struct ActiveMirror {
     target_failing: AtomicBool,
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
+    /// The same target for synchronous guest writes: the priority lane of
+    /// its limits, ahead of bulk copy.
+    guest_target: Device,
     /// Bound on bytes in flight (copies, synchronous guest writes, and
     /// front-end request buffers).
     pub(crate) budget: InflightBudget,
@@ -169,11 +172,13 @@ pub struct ActiveMirror {
     /// target's write limit): at most one copy is queued there at a time,
     /// so a guest write never queues behind more than one copy operation.
     copy_turn: tokio::sync::Mutex<()>,
-    /// When the mirror started; the clock for `last_sync_write_ms`.
+    /// When the mirror started; the clock for `last_guest_write_ms`.
     epoch: tokio::time::Instant,
-    /// Milliseconds after `epoch` of the last synchronous guest write
-    /// (guest-first scheduling: the copier shrinks while guests are active).
-    last_sync_write_ms: AtomicU64,
+    /// Milliseconds after `epoch` of the last guest write in write-blocking
+    /// mode (guest-first scheduling: the copier shrinks while guests are
+    /// active). Writes to dirty chunks count too: they go to the source
+    /// alone now, but to the target as soon as the copier cleans them.
+    last_guest_write_ms: AtomicU64,
     /// Guest write cap during convergence, when the runner turns it on.
     guest_throttle: Throttle,
     /// Whether `guest_throttle` applies now (set by the runner).
@@ -217,6 +222,7 @@ impl ActiveMirror {
             locks: RangeLocks::new(),
             write_blocking: AtomicBool::new(write_blocking),
             target_failing: AtomicBool::new(false),
+            guest_target: target.with_priority(),
             target,
             budget: InflightBudget::new(buf_size),
             copy_share: InflightBudget::new(
@@ -230,7 +236,7 @@ impl ActiveMirror {
             buffers: Mutex::new(Vec::new()),
             copy_turn: tokio::sync::Mutex::new(()),
             epoch: tokio::time::Instant::now(),
-            last_sync_write_ms: AtomicU64::new(0),
+            last_guest_write_ms: AtomicU64::new(0),
             guest_throttle: Throttle::default(),
             guest_throttle_on: AtomicBool::new(false),
             latency: LatencyCounters::default(),
@@ -275,10 +281,10 @@ impl ActiveMirror {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// True when a guest wrote to the target in the last moments: the
-    /// copier then uses small operations and few of them.
+    /// True when guests wrote in write-blocking mode in the last moments:
+    /// the copier then uses small operations and few of them.
     pub fn guests_active(&self) -> bool {
-        let last = self.last_sync_write_ms.load(Ordering::Acquire);
+        let last = self.last_guest_write_ms.load(Ordering::Acquire);
         last > 0 && self.now_ms().saturating_sub(last) < GUEST_ACTIVE_WINDOW_MS
     }
 
@@ -446,6 +452,8 @@ impl ActiveMirror {
                 drop(lock);
                 return result;
             }
+            self.last_guest_write_ms
+                .store(self.now_ms().max(1), Ordering::Release);
             if self.all_dirty(first, end) {
                 return op.apply(source, offset, len).await;
             }
@@ -463,11 +471,9 @@ impl ActiveMirror {
                     }
                 }
             }
-            self.last_sync_write_ms
-                .store(self.now_ms().max(1), Ordering::Release);
             let started = tokio::time::Instant::now();
             let (src, tgt) = tokio::join!(op.apply(source, offset, len), async {
-                let r = op.apply(&self.target, offset, len).await;
+                let r = op.apply(&self.guest_target, offset, len).await;
                 self.note_target_latency(started.elapsed());
                 r
             });

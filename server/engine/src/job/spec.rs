@@ -150,7 +150,8 @@ pub struct MirrorSpec {
 pub struct ConvergencePolicy {
     /// Auto: go write-blocking when not ready after this long.
     pub auto_ready_timeout_ms: u64,
-    /// Auto: go write-blocking when dirty rate ≥ copy rate this long.
+    /// Auto: go write-blocking when the copy has not been converging
+    /// (guests re-dirty ≥ 3/4 of what it cleans) this long.
     pub auto_diverging_window_ms: u64,
     /// Auto: least time between automatic switches (doubles after a
     /// return to background that diverged again).
@@ -169,7 +170,7 @@ impl Default for ConvergencePolicy {
     fn default() -> Self {
         Self {
             auto_ready_timeout_ms: 60_000,
-            auto_diverging_window_ms: 5_000,
+            auto_diverging_window_ms: 500,
             auto_min_dwell_ms: 10_000,
             target_latency_limit_ms: 0,
             target_latency_window_ms: 2_000,
