@@ -16,9 +16,9 @@ pub struct Device {
     pub backend: Arc<dyn BlockBackend>,
     /// Write limits (shared with the owning volume), if any.
     pub throttle: Option<Arc<Throttle>>,
-    /// Writes take the throttle's priority lane (guest writes on a mirror
-    /// target go ahead of bulk copy).
-    pub priority: bool,
+    /// Writes take the throttle's priority lane with this share (percent)
+    /// of its limit (guest writes on a mirror target go ahead of bulk copy).
+    pub priority_share: Option<u32>,
 }
 
 /// Largest read tried inline on a runtime worker: copying this much from
@@ -42,14 +42,15 @@ impl Device {
         Self {
             backend,
             throttle: None,
-            priority: false,
+            priority_share: None,
         }
     }
 
-    /// The same device, with writes in the throttle's priority lane.
-    pub fn with_priority(&self) -> Self {
+    /// The same device, with writes in the throttle's priority lane, held
+    /// to `share_percent` of its limit among themselves.
+    pub fn with_priority(&self, share_percent: u32) -> Self {
         Self {
-            priority: true,
+            priority_share: Some(share_percent),
             ..self.clone()
         }
     }
@@ -72,8 +73,10 @@ impl Device {
 
     async fn throttle(&self, bytes: u64) {
         match &self.throttle {
-            Some(t) if self.priority => t.acquire_priority(bytes).await,
-            Some(t) => t.acquire(bytes).await,
+            Some(t) => match self.priority_share {
+                Some(share) => t.acquire_priority(bytes, share).await,
+                None => t.acquire(bytes).await,
+            },
             None => {}
         }
     }

@@ -120,13 +120,17 @@ impl Throttle {
     }
 
     /// Waits until `bytes` of priority traffic may pass: only behind other
-    /// priority requests, never behind what ordinary requests reserved.
-    /// The cost is charged to the shared clock too, so ordinary requests
-    /// wait for it.
+    /// priority requests, never behind what ordinary requests reserved, and
+    /// held to `share_percent` of the limit among themselves, so ordinary
+    /// traffic keeps the rest. The cost is charged to the shared clock too,
+    /// so ordinary requests wait for it.
     ///
     /// # Cancel safety
     /// Cancel-safe; a cancelled request still used up its slot.
-    pub async fn acquire_priority(&self, bytes: u64) {
+    pub async fn acquire_priority(&self, bytes: u64, share_percent: u32) {
+        if share_percent == 0 {
+            return self.acquire(bytes).await;
+        }
         let wake_at = {
             let mut s = self.lock();
             if s.limits.is_unlimited() {
@@ -136,7 +140,8 @@ impl Throttle {
             let cost = s.limits.cost(bytes);
             let tat = s.tat.map_or(now, |t| t.max(now)) + cost;
             s.tat = Some(tat);
-            let own = s.priority_tat.map_or(now, |t| t.max(now)) + cost;
+            let own_cost = cost * 100 / share_percent.min(100);
+            let own = s.priority_tat.map_or(now, |t| t.max(now)) + own_cost;
             s.priority_tat = Some(own);
             own.checked_sub(BURST_ALLOWANCE).unwrap_or(now)
         };
@@ -181,7 +186,7 @@ mod tests {
         let bulk_done = start.elapsed();
         // ... a priority request right after does not wait for it...
         let start = Instant::now();
-        t.acquire_priority(4 << 10).await;
+        t.acquire_priority(4 << 10, 100).await;
         assert_eq!(start.elapsed(), Duration::ZERO);
         // ... but its cost pushes the next bulk request back.
         let start = Instant::now();
@@ -191,12 +196,23 @@ mod tests {
             waited >= Duration::from_millis(500 + 4 - 20),
             "{bulk_done:?} {waited:?}"
         );
-        // Priority traffic alone is still held to the rate.
+        // Priority traffic alone is held to its share of the rate.
         let start = Instant::now();
         for _ in 0..8 {
-            t.acquire_priority(256 << 10).await;
+            t.acquire_priority(256 << 10, 100).await;
         }
         assert!(start.elapsed() >= Duration::from_millis(1980 - 20));
+        let start = Instant::now();
+        for _ in 0..4 {
+            t.acquire_priority(64 << 10, 25).await;
+        }
+        // 256 KiB at a quarter of 1 MiB/s: a second, less one burst.
+        let quarter = start.elapsed();
+        assert!(
+            quarter >= Duration::from_millis(1000 - 2 * 20),
+            "{quarter:?}"
+        );
+        assert!(quarter <= Duration::from_millis(1000 + 20), "{quarter:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -114,7 +114,7 @@ impl Volume {
         Device {
             backend: self.backend(),
             throttle: Some(Arc::clone(&self.throttle)),
-            priority: false,
+            priority_share: None,
         }
     }
 

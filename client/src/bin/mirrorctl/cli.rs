@@ -50,7 +50,14 @@ Convergence: a background copy finishes only if the copier outruns the guests.
   background mode has fewer dirty bytes than --guest-throttle-below [64M], guest
   writes are capped at RATE until READY, so the copier catches up. The
   trade-off: guests give up write bandwidth for the last stretch, for a job
-  that finishes instead of chasing guests that write as fast as it copies.";
+  that finishes instead of chasing guests that write as fast as it copies.
+
+  Guests first: while guests write, the copier keeps --copier-share [80]
+  percent of the target's write limit (synchronous guest writes take the rest
+  ahead of bulk copy) and of its own time (it rests between operations, which
+  leaves CPU and disks to guests when the target is fast); when guests are
+  idle it takes everything. A lower share serves guests better and converges
+  later: READY takes about size / (share x target bandwidth) under load.";
 
 const NBD_URI_HELP: &str = "\
 NBD_URI names a remote NBD export; blockmirrord connects to it:
@@ -390,6 +397,15 @@ pub(crate) struct StartArgs {
         help_heading = CONVERGENCE_HEADING
     )]
     pub(crate) guest_throttle_below: Option<u64>,
+    /// Percent of the target (its write limit, and the copier's time) the
+    /// copier keeps while guests write, 1-100; default 80.
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        value_parser = clap::value_parser!(u32).range(1..=100),
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) copier_share: Option<u32>,
 }
 
 /// The heading of the convergence options in `mirror start --help`.
@@ -1138,10 +1154,13 @@ mod tests {
             "10M",
             "--guest-throttle-below",
             "256M",
+            "--copier-share",
+            "60",
         ]);
         let Command::Mirror(MirrorCmd::Start(a)) = cli.command else {
             panic!("{:?}", cli.command)
         };
+        assert_eq!(a.copier_share, Some(60));
         assert_eq!(a.auto_ready_timeout, Some(90_000));
         assert_eq!(a.auto_diverging_window, Some(500));
         assert_eq!(a.auto_min_dwell, Some(2_250));
@@ -1209,6 +1228,10 @@ mod tests {
             v.extend_from_slice(extra);
             err(&v)
         };
+        for bad in ["0", "101", "half", "50%", ""] {
+            let e = with(&["--copier-share", bad]);
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "--copier-share {bad}");
+        }
         for flag in [
             "--auto-ready-timeout",
             "--auto-diverging-window",
@@ -1304,8 +1327,10 @@ mod tests {
             "--guest-throttle-below <SIZE>",
             "Convergence",
             "starts in background mode",
-            "dirty rate >= copy",
+            "re-dirtying at least 3/4",
             "under half the copy rate",
+            "--copier-share <PERCENT>",
+            "Guests first",
             "dwell doubles",
             "Target-latency guard",
             "Guest throttling (off by default)",

@@ -149,8 +149,14 @@ pub struct ActiveMirror {
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
     /// The same target for synchronous guest writes: the priority lane of
-    /// its limits, ahead of bulk copy.
+    /// its limits, ahead of bulk copy, with the share the copier leaves.
     guest_target: Device,
+    /// While guests are active, the copier's share (percent) of the
+    /// target's limit and of its own time.
+    pub(crate) copier_share_percent: u32,
+    /// Microseconds copies spent on I/O (after paying the target's limit):
+    /// the runner paces the copier by it while guests are active.
+    pub(crate) copy_busy_us: AtomicU64,
     /// Bound on bytes in flight (copies, synchronous guest writes, and
     /// front-end request buffers).
     pub(crate) budget: InflightBudget,
@@ -174,10 +180,11 @@ pub struct ActiveMirror {
     copy_turn: tokio::sync::Mutex<()>,
     /// When the mirror started; the clock for `last_guest_write_ms`.
     epoch: tokio::time::Instant,
-    /// Milliseconds after `epoch` of the last guest write in write-blocking
-    /// mode (guest-first scheduling: the copier shrinks while guests are
-    /// active). Writes to dirty chunks count too: they go to the source
-    /// alone now, but to the target as soon as the copier cleans them.
+    /// Milliseconds after `epoch` of the last guest write (guest-first
+    /// scheduling: the copier shrinks and paces itself while guests are
+    /// active). Every write counts, in either mode: in write-blocking mode
+    /// a write to a dirty chunk goes to the target as soon as the copier
+    /// cleans it, and in any mode guests and copier share CPU and disks.
     last_guest_write_ms: AtomicU64,
     /// Guest write cap during convergence, when the runner turns it on.
     guest_throttle: Throttle,
@@ -222,7 +229,9 @@ impl ActiveMirror {
             locks: RangeLocks::new(),
             write_blocking: AtomicBool::new(write_blocking),
             target_failing: AtomicBool::new(false),
-            guest_target: target.with_priority(),
+            guest_target: target.with_priority(20),
+            copier_share_percent: 80,
+            copy_busy_us: AtomicU64::new(0),
             target,
             budget: InflightBudget::new(buf_size),
             copy_share: InflightBudget::new(
@@ -249,6 +258,16 @@ impl ActiveMirror {
         self.bitmap
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets the copier's share (1–100 %) of the target while guests are
+    /// active; guests get the rest of its limit ahead of bulk copy. Call
+    /// before use.
+    pub fn with_copier_share(mut self, percent: u32) -> Self {
+        let percent = percent.clamp(1, 100);
+        self.copier_share_percent = percent;
+        self.guest_target = self.target.with_priority(100 - percent);
+        self
     }
 
     /// Sets the target-latency guard's limit (0 = off). Call before use.
@@ -281,8 +300,8 @@ impl ActiveMirror {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// True when guests wrote in write-blocking mode in the last moments:
-    /// the copier then uses small operations and few of them.
+    /// True when guests wrote in the last moments: the copier then uses
+    /// small operations, few of them, and paces itself.
     pub fn guests_active(&self) -> bool {
         let last = self.last_guest_write_ms.load(Ordering::Acquire);
         last > 0 && self.now_ms().saturating_sub(last) < GUEST_ACTIVE_WINDOW_MS
@@ -443,6 +462,8 @@ impl ActiveMirror {
         if self.is_guest_throttled() {
             self.guest_throttle.acquire(op.buffer_bytes()).await;
         }
+        self.last_guest_write_ms
+            .store(self.now_ms().max(1), Ordering::Release);
         loop {
             let lock = self.locks.lock(offset, offset + len).await;
             if !self.is_write_blocking() || self.is_target_failing() {
@@ -452,8 +473,6 @@ impl ActiveMirror {
                 drop(lock);
                 return result;
             }
-            self.last_guest_write_ms
-                .store(self.now_ms().max(1), Ordering::Release);
             if self.all_dirty(first, end) {
                 return op.apply(source, offset, len).await;
             }
@@ -561,7 +580,12 @@ impl ActiveMirror {
             // Synchronous guest writes made these chunks equal meanwhile.
             return Ok(0);
         }
+        let io_started = tokio::time::Instant::now();
         let result = self.copy_locked(source, off, len).await;
+        self.copy_busy_us.fetch_add(
+            u64::try_from(io_started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         drop(permit);
         match result {
             Ok(copied) => {
