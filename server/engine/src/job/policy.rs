@@ -312,6 +312,7 @@ mod tests {
             target_latency_window_ms: 1_000,
             guest_throttle_bytes_per_sec: 0,
             guest_throttle_below_bytes: 64 << 20,
+            copier_share_percent: 80,
         }
     }
 

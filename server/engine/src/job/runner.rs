@@ -611,3 +611,45 @@ impl Job {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemBackend;
+    use crate::job::active::ActiveMirror;
+
+    fn mirror(share: u32) -> ActiveMirror {
+        let target = Device::unthrottled(Arc::new(MemBackend::new(1 << 20)));
+        ActiveMirror::new(1 << 20, 64 << 10, target, 1 << 20, false).with_copier_share(share)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_rests_in_proportion_to_copy_io_only_while_guests_write() {
+        let m = mirror(80);
+        let mut p = Pacer::default();
+        assert_eq!(p.update(&m, true), None, "no copy I/O yet: no rest");
+        // 4 ms of copy I/O at an 80 % share: 1 ms of rest.
+        m.copy_busy_us.fetch_add(4_000, Ordering::Relaxed);
+        let until = p.update(&m, true).expect("a rest");
+        assert_eq!(until - Instant::now(), Duration::from_millis(1));
+        // Counted once: asking again does not extend it.
+        assert_eq!(p.update(&m, true), Some(until));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(p.update(&m, true), None);
+        // Guests idle: the copier takes everything, and I/O done meanwhile
+        // is not charged later.
+        m.copy_busy_us.fetch_add(40_000, Ordering::Relaxed);
+        assert_eq!(p.update(&m, false), None);
+        assert_eq!(p.update(&m, true), None);
+        // A 50 % share rests as long as it worked; 100 % never rests.
+        let half = mirror(50);
+        let mut p = Pacer::default();
+        half.copy_busy_us.fetch_add(3_000, Ordering::Relaxed);
+        let until = p.update(&half, true).expect("a rest");
+        assert_eq!(until - Instant::now(), Duration::from_millis(3));
+        let all = mirror(100);
+        let mut p = Pacer::default();
+        all.copy_busy_us.fetch_add(3_000, Ordering::Relaxed);
+        assert_eq!(p.update(&all, true), None);
+    }
+}
