@@ -72,14 +72,14 @@ impl Device {
     }
 
     async fn throttle(&self, bytes: u64) {
-        match &self.throttle {
-            Some(t) => match self.priority_share {
+        if let Some(t) = &self.throttle {
+            match self.priority_share {
                 Some(share) => t.acquire_priority(bytes, share).await,
                 None => t.acquire(bytes).await,
-            },
-            None => {}
+            }
         }
     }
+
 
     /// Reads `len` bytes at `offset`: what the page cache holds right here
     /// on the calling worker (no thread hand-off, which is most of a 4 KiB
