@@ -94,6 +94,7 @@ pub fn spec_json(spec: &MirrorSpec) -> Value {
         "target_latency_window_ms": spec.target_latency_window_ms,
         "guest_throttle": spec.guest_throttle_bytes_per_sec,
         "guest_throttle_below": spec.guest_throttle_below_bytes,
+        "copier_share_percent": spec.copier_share_percent,
     })
 }
 

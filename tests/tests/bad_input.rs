@@ -794,6 +794,16 @@ async fn start_mirror_refuses_bad_specs() {
         );
     }
 
+    // The copier's share of the target (0 means the default, 80).
+    let mut s = good();
+    s.copier_share_percent = 101;
+    refused(
+        "copier_share_percent 101",
+        c.jobs.start_mirror(start_req("j", s)).await,
+        Code::InvalidArgument,
+        &["copier_share_percent", "101", "between 1 and 100"],
+    );
+
     // Target forms.
     for (target, needles) in [
         ("", vec!["target", "volume:NAME"]),

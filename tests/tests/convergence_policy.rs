@@ -78,14 +78,23 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
         .wait_for("auto", &[JobState::Ready], Duration::from_secs(120))
         .await;
     assert_eq!(ready.copy_mode, CopyMode::WriteBlocking as i32, "{ready:?}");
-    let bg = c.job("bg").await;
-    assert_eq!(
-        bg.state,
-        JobState::Running as i32,
-        "background converged after all"
-    );
-    // Background on the same load: the forecast says it will not finish.
-    assert_eq!(bg.convergence, Convergence::Diverging as i32, "{bg:?}");
+    // Background on the same load does not finish, and once its first pass
+    // is over (a trend needs a few seconds) its forecast says so.
+    let hopeless = [Convergence::Diverging as i32, Convergence::Stalled as i32];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let bg = loop {
+        let bg = c.job("bg").await;
+        assert_eq!(
+            bg.state,
+            JobState::Running as i32,
+            "background converged after all"
+        );
+        if hopeless.contains(&bg.convergence) || Instant::now() > deadline {
+            break bg;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(hopeless.contains(&bg.convergence), "{bg:?}");
     assert_eq!(bg.eta_to_ready_ms, None);
     // From here on only the auto job's guest runs (two guests hammering
     // one 2-core machine would measure CPU contention, not the policy).
@@ -103,7 +112,7 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
     assert_eq!(changes.len(), 1, "auto flapped: {changes:?}");
     assert_eq!(changes[0].to_mode, CopyMode::WriteBlocking as i32);
     assert!(
-        changes[0].reason.contains("dirty rate"),
+        changes[0].reason.contains("not converging"),
         "{:?}",
         changes[0].reason
     );
@@ -177,42 +186,46 @@ async fn memory_bound_holds_with_nbd_guests_far_faster_than_the_target() {
     c.start_mirror("m", s).await;
     c.wait_for("m", &[JobState::Ready], Duration::from_secs(10))
         .await;
-    let started = Instant::now();
-    let out = Command::new("fio")
-        .args([
-            "--name=deep",
-            "--ioengine=nbd",
-            &format!("--uri={}", server.nbd_uri("src")),
-            "--rw=randwrite",
-            "--bs=256k",
-            "--iodepth=64",
-            "--size=64m",
-            "--time_based",
-            "--runtime=3",
-            "--verify_state_save=0",
-        ])
-        .output()
-        .expect("fio");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let job = c.job("m").await;
-    assert!(
-        job.peak_in_flight_bytes > BUF / 2,
-        "the bound was not exercised: {job:?}"
-    );
-    assert!(
-        job.peak_in_flight_bytes <= BUF,
-        "{} bytes in flight with buf_size {BUF}",
-        job.peak_in_flight_bytes
-    );
-    eprintln!(
-        "fio ran {:?}; peak in flight {} of {BUF}",
-        started.elapsed(),
-        job.peak_in_flight_bytes
-    );
+    // Many requests, then requests far bigger than the whole budget (NBD's
+    // largest, which the server reads and applies in slices).
+    for (bs, depth) in [("256k", "64"), ("32m", "4")] {
+        let started = Instant::now();
+        let out = Command::new("fio")
+            .args([
+                "--name=deep",
+                "--ioengine=nbd",
+                &format!("--uri={}", server.nbd_uri("src")),
+                "--rw=randwrite",
+                &format!("--bs={bs}"),
+                &format!("--iodepth={depth}"),
+                "--size=64m",
+                "--time_based",
+                "--runtime=3",
+                "--verify_state_save=0",
+            ])
+            .output()
+            .expect("fio");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let job = c.job("m").await;
+        assert!(
+            job.peak_in_flight_bytes > BUF / 2,
+            "{bs}: the bound was not exercised: {job:?}"
+        );
+        assert!(
+            job.peak_in_flight_bytes <= BUF,
+            "{bs}: {} bytes in flight with buf_size {BUF}",
+            job.peak_in_flight_bytes
+        );
+        eprintln!(
+            "fio {bs} x {depth} ran {:?}; peak in flight {} of {BUF}",
+            started.elapsed(),
+            job.peak_in_flight_bytes
+        );
+    }
     c.jobs
         .cancel_job(v1::CancelJobRequest {
             job_id: "m".into(),

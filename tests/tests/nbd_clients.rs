@@ -57,6 +57,14 @@ async fn qemu_io_writes_and_reads_patterns() {
             "read -P 0x44 10M 4k",
             "-c",
             "read -P 0x55 11M 4k",
+            // The largest request NBD allows, at an odd offset: read and
+            // applied in 1 MiB slices, with FUA.
+            "-c",
+            "write -P 0x66 -f 20971521 32M",
+            "-c",
+            "read -P 0x66 20971521 32M",
+            "-c",
+            "read -P 0 20971520 1",
             &uri,
         ],
     );

@@ -256,7 +256,17 @@ async fn bad_requests_get_error_replies() {
     r.request(Command::Read, 0, 11, 4096, 3);
     assert_eq!(r.simple_error(11), 0);
     assert_eq!(r.read_n(3).unwrap(), b"abc");
-    // Read-only export: writes are refused with EPERM.
+    // A big write (read and applied in slices) past the end: its payload
+    // is swallowed, nothing is written, the error comes back, and the
+    // connection stays in step.
+    let big = vec![0x5a_u8; 3 << 20];
+    r.request(Command::Write, 0, 14, SIZE - (1 << 20), 3 << 20);
+    r.send(&big);
+    assert_eq!(r.simple_error(14), ENOSPC);
+    r.request(Command::Read, 0, 15, SIZE - (1 << 20), 4096);
+    assert_eq!(r.simple_error(15), 0);
+    assert!(r.read_n(4096).unwrap().iter().all(|&b| b == 0));
+    // Read-only export: writes are refused with EPERM, big ones too.
     let (mut ro, flags) = Raw::open(&server, "ro", false);
     assert!(flags & FLAG_READ_ONLY != 0);
     ro.request(Command::Write, 0, 12, 0, 2);
@@ -264,6 +274,12 @@ async fn bad_requests_get_error_replies() {
     assert_eq!(ro.simple_error(12), EPERM);
     ro.request(Command::Trim, 0, 13, 0, 4096);
     assert_eq!(ro.simple_error(13), EPERM);
+    ro.request(Command::Write, 0, 16, 0, 3 << 20);
+    ro.send(&big);
+    assert_eq!(ro.simple_error(16), EPERM);
+    ro.request(Command::Read, 0, 17, 0, 4096);
+    assert_eq!(ro.simple_error(17), 0);
+    assert!(ro.read_n(4096).unwrap().iter().all(|&b| b == 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,12 @@
 //! pushes it forward by its cost and sleeps until it lies within the burst
 //! allowance of now. Requests are served in the order they reserve, so a big
 //! request cannot be starved by small ones, and no task polls.
+//!
+//! A second clock gives *priority* traffic (guest writes on a mirror
+//! target, see DESIGN.md "Sharing the target") a lane ahead of the rest:
+//! it waits only behind other priority traffic, while its cost still
+//! pushes the shared clock forward, so bulk copy makes room afterwards and
+//! the long-run rate stays the limit.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -56,13 +62,19 @@ struct State {
     limits: RateLimits,
     /// Theoretical arrival time of the next request; `None` when idle.
     tat: Option<Instant>,
+    /// The same, counting priority requests only.
+    priority_tat: Option<Instant>,
 }
 
 impl Throttle {
     /// A limiter with `limits`.
     pub fn new(limits: RateLimits) -> Self {
         Self {
-            state: Mutex::new(State { limits, tat: None }),
+            state: Mutex::new(State {
+                limits,
+                tat: None,
+                priority_tat: None,
+            }),
         }
     }
 
@@ -83,6 +95,7 @@ impl Throttle {
         let mut s = self.lock();
         s.limits = limits;
         s.tat = None;
+        s.priority_tat = None;
     }
 
     /// Waits until `bytes` may pass.
@@ -100,6 +113,37 @@ impl Throttle {
             let tat = start + s.limits.cost(bytes);
             s.tat = Some(tat);
             tat.checked_sub(BURST_ALLOWANCE).unwrap_or(now)
+        };
+        if wake_at > Instant::now() {
+            tokio::time::sleep_until(wake_at).await;
+        }
+    }
+
+    /// Waits until `bytes` of priority traffic may pass: only behind other
+    /// priority requests, never behind what ordinary requests reserved, and
+    /// held to `share_percent` of the limit among themselves, so ordinary
+    /// traffic keeps the rest. The cost is charged to the shared clock too,
+    /// so ordinary requests wait for it.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe; a cancelled request still used up its slot.
+    pub async fn acquire_priority(&self, bytes: u64, share_percent: u32) {
+        if share_percent == 0 {
+            return self.acquire(bytes).await;
+        }
+        let wake_at = {
+            let mut s = self.lock();
+            if s.limits.is_unlimited() {
+                return;
+            }
+            let now = Instant::now();
+            let cost = s.limits.cost(bytes);
+            let tat = s.tat.map_or(now, |t| t.max(now)) + cost;
+            s.tat = Some(tat);
+            let own_cost = cost * 100 / share_percent.min(100);
+            let own = s.priority_tat.map_or(now, |t| t.max(now)) + own_cost;
+            s.priority_tat = Some(own);
+            own.checked_sub(BURST_ALLOWANCE).unwrap_or(now)
         };
         if wake_at > Instant::now() {
             tokio::time::sleep_until(wake_at).await;
@@ -125,6 +169,50 @@ mod tests {
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_millis(2400), "{elapsed:?}");
         assert!(elapsed <= Duration::from_millis(2600), "{elapsed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn priority_goes_ahead_and_the_rest_pays_for_it() {
+        let t = Throttle::new(RateLimits {
+            bytes_per_sec: 1 << 20,
+            ops_per_sec: 0,
+        });
+        let start = Instant::now();
+        // A bulk request reserves a second of the limit...
+        t.acquire(1 << 20).await;
+        assert!(start.elapsed() >= Duration::from_millis(980));
+        let start = Instant::now();
+        t.acquire(1 << 20).await;
+        let bulk_done = start.elapsed();
+        // ... a priority request right after does not wait for it...
+        let start = Instant::now();
+        t.acquire_priority(4 << 10, 100).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // ... but its cost pushes the next bulk request back.
+        let start = Instant::now();
+        t.acquire(512 << 10).await;
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(500 + 4 - 20),
+            "{bulk_done:?} {waited:?}"
+        );
+        // Priority traffic alone is held to its share of the rate.
+        let start = Instant::now();
+        for _ in 0..8 {
+            t.acquire_priority(256 << 10, 100).await;
+        }
+        assert!(start.elapsed() >= Duration::from_millis(1980 - 20));
+        let start = Instant::now();
+        for _ in 0..4 {
+            t.acquire_priority(64 << 10, 25).await;
+        }
+        // 256 KiB at a quarter of 1 MiB/s: a second, less one burst.
+        let quarter = start.elapsed();
+        assert!(
+            quarter >= Duration::from_millis(1000 - 2 * 20),
+            "{quarter:?}"
+        );
+        assert!(quarter <= Duration::from_millis(1000 + 20), "{quarter:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -123,6 +123,7 @@ impl Volume {
         Device {
             backend: self.backend(),
             throttle: Some(Arc::clone(&self.throttle)),
+            priority_share: None,
         }
     }
 
@@ -182,7 +183,12 @@ impl Volume {
         *write_lock(&self.backend) = backend;
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    /// Checks that `[offset, offset+len)` is a request this volume accepts:
+    /// inside the device and at most [`MAX_REQUEST_BYTES`].
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an oversized request, `OutOfRange` past the end.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if len > MAX_REQUEST_BYTES {
             return Err(EngineError::invalid(format!(
                 "request of {len} bytes is larger than the maximum of {MAX_REQUEST_BYTES}"

@@ -192,6 +192,11 @@ fn convergence_policy_in(s: &v1::MirrorSpec) -> ConvergencePolicy {
         target_latency_window_ms: or(s.target_latency_window_ms, d.target_latency_window_ms),
         guest_throttle_bytes_per_sec: s.guest_throttle_bytes_per_sec,
         guest_throttle_below_bytes: or(s.guest_throttle_below_bytes, d.guest_throttle_below_bytes),
+        copier_share_percent: if s.copier_share_percent == 0 {
+            d.copier_share_percent
+        } else {
+            s.copier_share_percent
+        },
     }
 }
 
@@ -226,6 +231,7 @@ pub fn spec(s: &MirrorSpec) -> v1::MirrorSpec {
         target_latency_window_ms: s.policy.target_latency_window_ms,
         guest_throttle_bytes_per_sec: s.policy.guest_throttle_bytes_per_sec,
         guest_throttle_below_bytes: s.policy.guest_throttle_below_bytes,
+        copier_share_percent: s.policy.copier_share_percent,
     }
 }
 

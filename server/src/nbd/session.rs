@@ -24,6 +24,7 @@
 
 use super::errno::errno;
 use blockmirror_engine::Engine;
+use blockmirror_engine::error::{EngineError, Result as EngineResult};
 use blockmirror_engine::limits::InflightPermit;
 use blockmirror_engine::store::ExportRecord;
 use blockmirror_engine::volume::Volume;
@@ -34,8 +35,9 @@ use blockmirror_nbd::request::{Command, REQUEST_LEN, Request};
 use blockmirror_nbd::{MAX_PAYLOAD_BYTES, WireError};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Requests in flight per connection (QEMU's client uses up to 16; fio and
@@ -296,8 +298,13 @@ fn option_error(opt: u32, code: u32, msg: &str) -> Vec<u8> {
 /// releases once queued.
 type ReplyParts = Vec<Bytes>;
 
+/// Socket read buffer: a pipelining client's headers and small payloads
+/// arrive many per system call instead of two calls per request. Bigger
+/// payloads bypass it.
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
 async fn transmission<R, W>(
-    mut rd: R,
+    rd: R,
     wr: W,
     sel: Selected,
     shutdown: CancellationToken,
@@ -312,6 +319,7 @@ where
     let requests = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
     let bytes = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES as usize));
     let sel = Arc::new(sel);
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let result = loop {
         let request_permit = tokio::select! {
             p = Arc::clone(&requests).acquire_owned() => p.expect("semaphore never closed"),
@@ -350,6 +358,12 @@ where
                 }
                 .into());
             }
+            Command::Write if req.length > WRITE_SLICE_BYTES => {
+                match read_sliced_write(&mut rd, &sel, &req).await {
+                    Ok(payload) => Some(payload),
+                    Err(e) => break Err(e.into()),
+                }
+            }
             Command::Write => {
                 // A mirror job on the volume bounds all the bytes it holds,
                 // request buffers included: wait for its budget before
@@ -359,7 +373,7 @@ where
                 if let Err(e) = rd.read_exact(&mut buf).await {
                     break Err(e.into());
                 }
-                Some((buf.freeze(), reserved))
+                Some(Payload::Whole(buf.freeze(), reserved))
             }
             _ => None,
         };
@@ -408,8 +422,84 @@ enum Outcome {
     Error(u32, String),
 }
 
-/// A write payload and the mirror budget it was read under, if any.
-type Payload = (Bytes, Option<InflightPermit>);
+/// A write request's payload, as the reader hands it to the request task.
+enum Payload {
+    /// The whole payload, and the mirror budget it was read under, if any.
+    Whole(Bytes, Option<InflightPermit>),
+    /// A write over [`WRITE_SLICE_BYTES`], already being applied slice by
+    /// slice as it was read.
+    Sliced(Vec<JoinHandle<EngineResult<()>>>),
+    /// Read and dropped: the write is refused (read-only export, bad range).
+    Discarded,
+}
+
+/// Big writes are read and applied in slices of this size, each under the
+/// mirror job's budget, so a 32 MiB request holds 1 MiB at a time instead
+/// of 32 (the job's memory bound holds whatever the request size).
+const WRITE_SLICE_BYTES: u32 = 1 << 20;
+
+/// Reads a big write's payload slice by slice; each slice waits for the
+/// mirror budget before it is read and is written while the next one is
+/// read. A write the request task will refuse is read and dropped.
+async fn read_sliced_write<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    sel: &Selected,
+    req: &Request,
+) -> std::io::Result<Payload> {
+    let len = u64::from(req.length);
+    let refused = sel.export.read_only || sel.volume.check_range(req.offset, len).is_err();
+    let mut slices = Vec::new();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(u64::from(WRITE_SLICE_BYTES));
+        let reserved = if refused {
+            None
+        } else {
+            sel.volume.reserve_write(n).await
+        };
+        // n <= WRITE_SLICE_BYTES, which fits usize.
+        let mut buf = BytesMut::zeroed(usize::try_from(n).unwrap_or(usize::MAX));
+        rd.read_exact(&mut buf).await?;
+        if !refused {
+            let volume = Arc::clone(&sel.volume);
+            let offset = req.offset + done;
+            slices.push(tokio::spawn(async move {
+                volume
+                    .write_reserved(offset, buf.freeze(), false, reserved)
+                    .await
+            }));
+        }
+        done += n;
+    }
+    Ok(if refused {
+        Payload::Discarded
+    } else {
+        Payload::Sliced(slices)
+    })
+}
+
+/// Waits for every slice of a sliced write; the first error wins. With
+/// FUA, one flush afterwards makes all of them durable.
+async fn finish_sliced_write(
+    v: &Volume,
+    slices: Vec<JoinHandle<EngineResult<()>>>,
+    fua: bool,
+) -> EngineResult<()> {
+    let mut result = Ok(());
+    for slice in slices {
+        let r = slice.await.unwrap_or_else(|e| {
+            Err(EngineError::io(
+                "writing",
+                std::io::Error::other(e.to_string()),
+            ))
+        });
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    result?;
+    if fua { v.flush().await } else { Ok(()) }
+}
 
 async fn run(sel: &Selected, req: &Request, data: Option<Payload>) -> Outcome {
     let v = &sel.volume;
@@ -430,12 +520,19 @@ async fn run(sel: &Selected, req: &Request, data: Option<Payload>) -> Outcome {
             );
         }
         Command::Read => v.read(req.offset, len).await.map(Outcome::Data),
-        Command::Write => {
-            let (bytes, reserved) = data.unwrap_or_default();
-            v.write_reserved(req.offset, bytes, fua, reserved)
+        Command::Write => match data {
+            Some(Payload::Whole(bytes, reserved)) => v
+                .write_reserved(req.offset, bytes, fua, reserved)
                 .await
-                .map(|()| Outcome::Done)
-        }
+                .map(|()| Outcome::Done),
+            Some(Payload::Sliced(slices)) => finish_sliced_write(v, slices, fua)
+                .await
+                .map(|()| Outcome::Done),
+            // Only a bad range gets here (read-only was refused above).
+            Some(Payload::Discarded) | None => v
+                .check_range(req.offset, len)
+                .map(|()| Outcome::Error(EINVAL, "write payload missing".into())),
+        },
         Command::Flush => v.flush().await.map(|()| Outcome::Done),
         Command::Trim => v.discard(req.offset, len).await.map(|()| Outcome::Done),
         Command::WriteZeroes => v

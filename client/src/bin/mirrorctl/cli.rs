@@ -32,8 +32,8 @@ Convergence: a background copy finishes only if the copier outruns the guests.
   Auto mode (--mode auto) starts in background mode, where guests pay nothing
   for the copy, and switches to write-blocking, which always converges, when
   the job would not converge: no READY within --auto-ready-timeout [60s], or
-  guests dirtying at least as fast as the copier copies (dirty rate >= copy
-  rate) for --auto-diverging-window [5s]. After READY it returns to background
+  guests re-dirtying at least 3/4 of what the copier cleans (or the dirty set
+  not shrinking) for --auto-diverging-window [0.5s]. After READY it returns to background
   once guests write at under half the copy rate, so they stop paying target
   latency. No automatic switch comes sooner than --auto-min-dwell [10s] after
   the previous one, and the dwell doubles (up to 10 min) each time a return to
@@ -50,7 +50,14 @@ Convergence: a background copy finishes only if the copier outruns the guests.
   background mode has fewer dirty bytes than --guest-throttle-below [64M], guest
   writes are capped at RATE until READY, so the copier catches up. The
   trade-off: guests give up write bandwidth for the last stretch, for a job
-  that finishes instead of chasing guests that write as fast as it copies.";
+  that finishes instead of chasing guests that write as fast as it copies.
+
+  Guests first: while guests write, the copier keeps --copier-share [80]
+  percent of the target's write limit (synchronous guest writes take the rest
+  ahead of bulk copy) and of its own time (it rests between operations, which
+  leaves CPU and disks to guests when the target is fast); when guests are
+  idle it takes everything. A lower share serves guests better and converges
+  later: READY takes about size / (share x target bandwidth) under load.";
 
 const NBD_URI_HELP: &str = "\
 NBD_URI names a remote NBD export; blockmirrord connects to it:
@@ -342,8 +349,9 @@ pub(crate) struct StartArgs {
         help_heading = CONVERGENCE_HEADING
     )]
     pub(crate) auto_ready_timeout: Option<u64>,
-    /// Auto mode: switch to write-blocking when guests dirty chunks at least
-    /// as fast as the copier copies them for SECS; default 5.
+    /// Auto mode: switch to write-blocking when the copy has not been
+    /// converging for SECS (guests re-dirty at least 3/4 of what the copier
+    /// cleans, or the dirty set does not shrink); default 0.5.
     #[arg(
         long,
         value_name = "SECS",
@@ -403,6 +411,15 @@ pub(crate) struct StartArgs {
         help_heading = CONVERGENCE_HEADING
     )]
     pub(crate) guest_throttle_below: Option<u64>,
+    /// Percent of the target (its write limit, and the copier's time) the
+    /// copier keeps while guests write, 1-100; default 80.
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        value_parser = clap::value_parser!(u32).range(1..=100),
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) copier_share: Option<u32>,
 }
 
 /// The heading of the convergence options in `mirror start --help`.
@@ -1151,10 +1168,13 @@ mod tests {
             "10M",
             "--guest-throttle-below",
             "256M",
+            "--copier-share",
+            "60",
         ]);
         let Command::Mirror(MirrorCmd::Start(a)) = cli.command else {
             panic!("{:?}", cli.command)
         };
+        assert_eq!(a.copier_share, Some(60));
         assert_eq!(a.auto_ready_timeout, Some(90_000));
         assert_eq!(a.auto_diverging_window, Some(500));
         assert_eq!(a.auto_min_dwell, Some(2_250));
@@ -1222,6 +1242,10 @@ mod tests {
             v.extend_from_slice(extra);
             err(&v)
         };
+        for bad in ["0", "101", "half", "50%", ""] {
+            let e = with(&["--copier-share", bad]);
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "--copier-share {bad}");
+        }
         for flag in [
             "--auto-ready-timeout",
             "--auto-diverging-window",
@@ -1317,8 +1341,10 @@ mod tests {
             "--guest-throttle-below <SIZE>",
             "Convergence",
             "starts in background mode",
-            "dirty rate >= copy",
+            "re-dirtying at least 3/4",
             "under half the copy rate",
+            "--copier-share <PERCENT>",
+            "Guests first",
             "dwell doubles",
             "Target-latency guard",
             "Guest throttling (off by default)",

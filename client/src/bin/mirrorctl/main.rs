@@ -287,6 +287,7 @@ fn mirror_spec(args: &StartArgs) -> MirrorSpec {
         target_latency_window_ms: args.target_latency_window.unwrap_or(0),
         guest_throttle_bytes_per_sec: args.guest_throttle.unwrap_or(0),
         guest_throttle_below_bytes: args.guest_throttle_below.unwrap_or(0),
+        copier_share_percent: args.copier_share.unwrap_or(0),
         ..MirrorSpec::default()
     };
     if let Some(mode) = args.mode {
@@ -753,8 +754,9 @@ mod tests {
                 spec.target_latency_window_ms,
                 spec.guest_throttle_bytes_per_sec,
                 spec.guest_throttle_below_bytes,
+                spec.copier_share_percent,
             ),
-            (0, 0, 0, 0, 0, 0, 0)
+            (0, 0, 0, 0, 0, 0, 0, 0)
         );
     }
 
@@ -783,6 +785,8 @@ mod tests {
             "20M",
             "--guest-throttle-below",
             "128M",
+            "--copier-share",
+            "50",
         ])
         .unwrap();
         let Command::Mirror(MirrorCmd::Start(args)) = cli.command else {
@@ -796,6 +800,7 @@ mod tests {
         assert_eq!(spec.target_latency_window_ms, 3_000);
         assert_eq!(spec.guest_throttle_bytes_per_sec, 20 << 20);
         assert_eq!(spec.guest_throttle_below_bytes, 128 << 20);
+        assert_eq!(spec.copier_share_percent, 50);
     }
 
     #[test]

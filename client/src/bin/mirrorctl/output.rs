@@ -358,6 +358,14 @@ pub(crate) fn job_details(job: &Job) -> String {
                 ),
             ]);
         }
+        pairs.push((
+            "copier_share",
+            if spec.copier_share_percent == 0 {
+                "default".to_owned()
+            } else {
+                format!("{} %", spec.copier_share_percent)
+            },
+        ));
         if spec.guest_throttle_bytes_per_sec == 0 {
             pairs.push(("guest_throttle", "off".to_owned()));
         } else {

@@ -77,6 +77,32 @@ impl FileBackend {
     }
 }
 
+/// One `preadv2(RWF_NOWAIT)`: reads what the page cache holds without
+/// waiting for storage. `None` on any error (EAGAIN: not cached).
+/// (No safe wrapper in nix or std takes the `RWF_NOWAIT` flag.)
+#[allow(unsafe_code)]
+fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let offset = off_t(offset).ok()?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, a live, exclusively borrowed slice of
+    // `iov_len` bytes that outlives the call; the kernel writes at most that
+    // many bytes into it. The descriptor is owned by `file` and open.
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &raw const iov,
+            1,
+            offset,
+            libc::RWF_NOWAIT,
+        )
+    };
+    usize::try_from(n).ok()
+}
+
 fn off_t(v: u64) -> io::Result<i64> {
     i64::try_from(v).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
 }
@@ -88,6 +114,19 @@ impl BlockBackend for FileBackend {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> usize {
+        let mut done = 0;
+        while done < buf.len() {
+            match read_nowait(&self.file, &mut buf[done..], offset + done as u64) {
+                Some(n) if n > 0 => done += n,
+                // Not cached (EAGAIN), not supported, end of file, or an
+                // error the blocking read will report properly.
+                _ => break,
+            }
+        }
+        done
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -147,6 +186,10 @@ impl BlockBackend for FileBackend {
             )
     }
 
+    fn is_local(&self) -> bool {
+        true
+    }
+
     fn path(&self) -> &str {
         &self.path
     }
@@ -172,6 +215,10 @@ mod tests {
             b.allocation(4 << 20, 1 << 20).unwrap(),
             Allocation::Data { .. }
         ));
+        let mut cached = [9u8; 8192];
+        assert_eq!(b.read_cached(&mut cached, (4 << 20) - 4096), 8192);
+        assert_eq!(&cached[..4096], &[0u8; 4096][..]);
+        assert_eq!(&cached[4096..], &[1u8; 4096][..]);
         b.write_zeroes(4 << 20, 4096, true).unwrap();
         let mut buf = [9u8; 4096];
         b.read_at(&mut buf, 4 << 20).unwrap();

@@ -2,7 +2,8 @@
 //!
 //! Backends are synchronous (`pread`/`pwrite`-style); the engine calls them
 //! from blocking threads ([`tokio::task::spawn_blocking`]), never inline on
-//! a runtime worker.
+//! a runtime worker — except [`BlockBackend::read_cached`], which by contract
+//! never waits on storage.
 
 mod file;
 mod mem;
@@ -36,6 +37,15 @@ pub trait BlockBackend: Send + Sync + fmt::Debug + 'static {
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`. The range is within [`Self::size`].
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads into `buf` from `offset` only as far as that needs no waiting
+    /// on storage (page-cache hits), and returns how many bytes it read.
+    ///
+    /// The engine calls this inline on a runtime worker, so a cached read
+    /// costs no thread hand-off; the rest goes to the blocking pool. The
+    /// default reads nothing (backends that cannot tell).
+    fn read_cached(&self, _buf: &mut [u8], _offset: u64) -> usize {
+        0
+    }
     /// Writes all of `buf` at `offset`. The range is within [`Self::size`].
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes `[offset, offset+len)` read as zeroes; `punch` allows
@@ -50,6 +60,12 @@ pub trait BlockBackend: Send + Sync + fmt::Debug + 'static {
             end: offset.saturating_add(len),
         })
     }
+    /// True when reads and writes (not flushes) only touch local memory or
+    /// a local file, so they take microseconds and may share the engine's
+    /// short-I/O pool; false for anything that waits on a network.
+    fn is_local(&self) -> bool {
+        false
+    }
     /// True when the whole device is known to read as zeroes (a fresh
     /// sparse file), so a full mirror onto it can skip the source's holes.
     fn is_known_zero(&self) -> bool {
@@ -57,11 +73,4 @@ pub trait BlockBackend: Send + Sync + fmt::Debug + 'static {
     }
     /// The file or device path, for display and persistence.
     fn path(&self) -> &str;
-}
-
-/// Reads `[offset, offset + len)` into a new buffer.
-pub(crate) fn read_vec(backend: &dyn BlockBackend, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    backend.read_at(&mut buf, offset)?;
-    Ok(buf)
 }

@@ -150,6 +150,15 @@ pub struct ActiveMirror {
     target_failing: AtomicBool,
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
+    /// The same target for synchronous guest writes: the priority lane of
+    /// its limits, ahead of bulk copy, with the share the copier leaves.
+    guest_target: Device,
+    /// While guests are active, the copier's share (percent) of the
+    /// target's limit and of its own time.
+    pub(crate) copier_share_percent: u32,
+    /// Microseconds copies spent on I/O (after paying the target's limit):
+    /// the runner paces the copier by it while guests are active.
+    pub(crate) copy_busy_us: AtomicU64,
     /// Bound on bytes in flight (copies, synchronous guest writes, and
     /// front-end request buffers).
     pub(crate) budget: InflightBudget,
@@ -171,11 +180,14 @@ pub struct ActiveMirror {
     /// target's write limit): at most one copy is queued there at a time,
     /// so a guest write never queues behind more than one copy operation.
     copy_turn: tokio::sync::Mutex<()>,
-    /// When the mirror started; the clock for `last_sync_write_ms`.
+    /// When the mirror started; the clock for `last_guest_write_ms`.
     epoch: tokio::time::Instant,
-    /// Milliseconds after `epoch` of the last synchronous guest write
-    /// (guest-first scheduling: the copier shrinks while guests are active).
-    last_sync_write_ms: AtomicU64,
+    /// Milliseconds after `epoch` of the last guest write (guest-first
+    /// scheduling: the copier shrinks and paces itself while guests are
+    /// active). Every write counts, in either mode: in write-blocking mode
+    /// a write to a dirty chunk goes to the target as soon as the copier
+    /// cleans it, and in any mode guests and copier share CPU and disks.
+    last_guest_write_ms: AtomicU64,
     /// Guest write cap during convergence, when the runner turns it on.
     guest_throttle: Throttle,
     /// Whether `guest_throttle` applies now (set by the runner).
@@ -221,6 +233,9 @@ impl ActiveMirror {
             locks: RangeLocks::new(),
             write_blocking: AtomicBool::new(write_blocking),
             target_failing: AtomicBool::new(false),
+            guest_target: target.with_priority(20),
+            copier_share_percent: 80,
+            copy_busy_us: AtomicU64::new(0),
             target,
             budget: InflightBudget::new(buf_size),
             copy_share: InflightBudget::new(
@@ -234,7 +249,7 @@ impl ActiveMirror {
             buffers: Mutex::new(Vec::new()),
             copy_turn: tokio::sync::Mutex::new(()),
             epoch: tokio::time::Instant::now(),
-            last_sync_write_ms: AtomicU64::new(0),
+            last_guest_write_ms: AtomicU64::new(0),
             guest_throttle: Throttle::default(),
             guest_throttle_on: AtomicBool::new(false),
             latency: LatencyCounters::default(),
@@ -254,6 +269,16 @@ impl ActiveMirror {
         self.bitmap
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets the copier's share (1–100 %) of the target while guests are
+    /// active; guests get the rest of its limit ahead of bulk copy. Call
+    /// before use.
+    pub fn with_copier_share(mut self, percent: u32) -> Self {
+        let percent = percent.clamp(1, 100);
+        self.copier_share_percent = percent;
+        self.guest_target = self.target.with_priority(100 - percent);
+        self
     }
 
     /// Sets the target-latency guard's limit (0 = off). Call before use.
@@ -286,10 +311,10 @@ impl ActiveMirror {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// True when a guest wrote to the target in the last moments: the
-    /// copier then uses small operations and few of them.
+    /// True when guests wrote in the last moments: the copier then uses
+    /// small operations, few of them, and paces itself.
     pub fn guests_active(&self) -> bool {
-        let last = self.last_sync_write_ms.load(Ordering::Acquire);
+        let last = self.last_guest_write_ms.load(Ordering::Acquire);
         last > 0 && self.now_ms().saturating_sub(last) < GUEST_ACTIVE_WINDOW_MS
     }
 
@@ -449,6 +474,8 @@ impl ActiveMirror {
         if self.is_guest_throttled() {
             self.guest_throttle.acquire(op.buffer_bytes()).await;
         }
+        self.last_guest_write_ms
+            .store(self.now_ms().max(1), Ordering::Release);
         loop {
             let asked = tokio::time::Instant::now();
             let lock = self.locks.lock(offset, offset + len).await;
@@ -478,11 +505,9 @@ impl ActiveMirror {
                     }
                 }
             }
-            self.last_sync_write_ms
-                .store(self.now_ms().max(1), Ordering::Release);
             let started = tokio::time::Instant::now();
             let (src, tgt) = tokio::join!(timed(op.apply(source, offset, len)), async {
-                let r = op.apply(&self.target, offset, len).await;
+                let r = op.apply(&self.guest_target, offset, len).await;
                 let took = started.elapsed();
                 self.note_target_latency(took);
                 (r, took)
@@ -574,7 +599,12 @@ impl ActiveMirror {
             // Synchronous guest writes made these chunks equal meanwhile.
             return Ok(0);
         }
+        let io_started = tokio::time::Instant::now();
         let result = self.copy_locked(source, off, len).await;
+        self.copy_busy_us.fetch_add(
+            u64::try_from(io_started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let zeroes = result.as_ref().map(|c| *c == Copied::Zeroes);
         self.observed.copy_done(off, len, asked, locked, zeroes);
         drop(permit);

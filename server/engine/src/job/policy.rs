@@ -9,9 +9,14 @@
 //!
 //! `auto` starts in background mode (the guest pays nothing for the copy)
 //! and switches to write-blocking when the job would not converge: READY has
-//! not come within `auto_ready_timeout_ms`, or the dirty rate stayed at or
-//! above the copy rate for `auto_diverging_window_ms`. (A complete request
-//! switches too; the job does that itself.) After READY, write-blocking
+//! not come within `auto_ready_timeout_ms`, or for `auto_diverging_window_ms`
+//! guests re-dirtied at least three quarters of what the copier cleaned (its
+//! net progress under a quarter of its speed: background would take four
+//! times as long as write-blocking, or never finish), or the dirty set did
+//! not shrink over the trend window. (A complete request switches too; the
+//! job does that itself.) The window is short (500 ms by default) because
+//! every second spent in background under such a load is a second of copying
+//! redone later; hysteresis guards the way back, not the way in. After READY, write-blocking
 //! costs the guest target latency on every write, so `auto` returns to
 //! background once the chunks guests write would dirty, in background mode,
 //! less than half the data rate the copier achieved, and guests spend less
@@ -162,13 +167,15 @@ impl PolicyState {
         if s.copy_data_rate > self.peak_copy_rate {
             self.peak_copy_rate = s.copy_data_rate;
         }
-        // Diverging: guests dirty at least as fast as the copier copies, or
-        // the dirty set has not shrunk meaningfully over the trend window
-        // (a copier running in place).
+        // Not converging: guests re-dirty at least three quarters of what the
+        // copier cleans, or the dirty set has not shrunk meaningfully over
+        // the trend window (a copier running in place).
+        let redirty_heavy =
+            s.dirty_rate > 0 && s.dirty_rate.saturating_mul(4) >= s.copy_rate.saturating_mul(3);
         let stalled_trend = s
             .net_rate
             .is_some_and(|net| net < i64::try_from(s.copy_rate / 20).unwrap_or(i64::MAX).max(1));
-        let diverging = s.dirty_bytes > 0 && (s.dirty_rate >= s.copy_rate || stalled_trend);
+        let diverging = s.dirty_bytes > 0 && (redirty_heavy || stalled_trend);
         if !s.write_blocking && diverging {
             self.diverging_since.get_or_insert(s.now_ms);
         } else {
@@ -244,8 +251,10 @@ impl PolicyState {
                     }
                     let reason = if diverged_long {
                         format!(
-                            "dirty rate at or above copy rate for {} ms",
-                            self.policy.auto_diverging_window_ms
+                            "not converging for {} ms: guests dirty {} KiB/s, the copier copies {} KiB/s",
+                            self.policy.auto_diverging_window_ms,
+                            s.dirty_rate >> 10,
+                            s.copy_rate >> 10
                         )
                     } else {
                         format!("not ready after {} ms", self.policy.auto_ready_timeout_ms)
@@ -303,6 +312,7 @@ mod tests {
             target_latency_window_ms: 1_000,
             guest_throttle_bytes_per_sec: 0,
             guest_throttle_below_bytes: 64 << 20,
+            copier_share_percent: 80,
         }
     }
 
@@ -357,8 +367,55 @@ mod tests {
         assert!(p.tick(sample(500, JobStatus::Running, false)).is_empty());
         let a = p.tick(sample(1000, JobStatus::Running, false));
         assert!(
-            matches!(&a[..], [Action::SwitchMode { write_blocking: true, reason }] if reason.contains("dirty rate"))
+            matches!(&a[..], [Action::SwitchMode { write_blocking: true, reason }] if reason.contains("not converging"))
         );
+    }
+
+    #[test]
+    fn heavy_redirtying_switches_and_moderate_does_not() {
+        // Guests re-dirty 80 % of what the copier cleans: write-blocking.
+        let mut p = PolicyState::new(policy());
+        let heavy = |s: &Sample| Sample {
+            dirty_rate: 16 << 20,
+            ..*s
+        };
+        let switches = run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            8,
+            false,
+            heavy,
+        );
+        assert_eq!(switches, vec![(1000, true)]);
+        // Half: background still converges at half speed; it stays.
+        let mut p = PolicyState::new(policy());
+        let moderate = |s: &Sample| Sample {
+            dirty_rate: 10 << 20,
+            ..*s
+        };
+        let switches = run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            40,
+            false,
+            moderate,
+        );
+        assert!(switches.is_empty(), "{switches:?}");
+        // No rates yet (the first tick): no judgement either way.
+        let mut p = PolicyState::new(policy());
+        let none = |s: &Sample| Sample {
+            dirty_rate: 0,
+            copy_rate: 0,
+            ..*s
+        };
+        let switches = run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            40,
+            false,
+            none,
+        );
+        assert!(switches.is_empty(), "{switches:?}");
     }
 
     #[test]

@@ -35,6 +35,44 @@ const ERROR_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 type CopyResult = (u64, u64, Result<u64, MirrorIoError>);
 
+/// Keeps the copier to its share of the time while guests are active: for
+/// every microsecond copies spent on I/O, it rests `(100 - share) / share`
+/// microseconds before the next operation starts. On a fast target this is
+/// what leaves guests CPU and disk; on a slow, rate-limited one the I/O
+/// after paying the limit is short and the pauses cost next to nothing.
+#[derive(Debug, Default)]
+struct Pacer {
+    /// `copy_busy_us` already accounted for.
+    seen_us: u64,
+    /// No new copy before this.
+    rest_until: Option<Instant>,
+}
+
+impl Pacer {
+    /// Accounts for copy I/O done since the last call; returns when the
+    /// copier may start its next operation, if that is still ahead.
+    fn update(
+        &mut self,
+        mirror: &super::active::ActiveMirror,
+        guests_active: bool,
+    ) -> Option<Instant> {
+        let busy = mirror.copy_busy_us.load(Ordering::Relaxed);
+        let new_us = busy.saturating_sub(self.seen_us);
+        self.seen_us = busy;
+        let share = u64::from(mirror.copier_share_percent.clamp(1, 100));
+        if !guests_active || share == 100 {
+            self.rest_until = None;
+            return None;
+        }
+        let now = Instant::now();
+        if new_us > 0 {
+            let rest = Duration::from_micros(new_us.saturating_mul(100 - share) / share);
+            self.rest_until = Some(self.rest_until.map_or(now, |t| t.max(now)) + rest);
+        }
+        self.rest_until.filter(|&t| t > now)
+    }
+}
+
 /// Runner-local state: owned by the runner task alone.
 #[derive(Debug)]
 struct Cursor {
@@ -113,6 +151,7 @@ impl Job {
         };
         let mut ops: JoinSet<CopyResult> = JoinSet::new();
         let mut retry_at: Option<Instant> = None;
+        let mut pacer = Pacer::default();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sampler = Sampler {
@@ -135,10 +174,13 @@ impl Job {
                 JobStatus::Running | JobStatus::Ready | JobStatus::Waiting | JobStatus::Pending
             ) && retry_at.is_none();
             let mut want_budget = None;
-            if copying {
-                // Guest-first: while guests write to the target, the copier
-                // uses small operations, few at a time (see active.rs).
-                let (max_ops, max_chunks) = if self.mirror.guests_active() {
+            let guests_active = self.mirror.guests_active();
+            let paced_until = pacer.update(&self.mirror, guests_active);
+            if copying && paced_until.is_none() {
+                // Guest-first: while guests write, the copier uses small
+                // operations, few at a time (see active.rs), and keeps to
+                // its share of the time.
+                let (max_ops, max_chunks) = if guests_active {
                     (ACTIVE_COPY_OPS, active_op_chunks)
                 } else {
                     (MAX_COPY_OPS, op_chunks)
@@ -216,6 +258,7 @@ impl Job {
                     }
                 }, if want_budget.is_some() => drop(p),
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => retry_at = None,
+                () = tokio::time::sleep_until(paced_until.unwrap_or_else(Instant::now)), if paced_until.is_some() && copying => {}
             }
         }
         // Shutdown: let copies finish, detach from the volume, keep the record.
@@ -566,5 +609,47 @@ impl Job {
             let p = self.progress(&s);
             self.events.emit(&self.id, EventKind::Progress(p));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemBackend;
+    use crate::job::active::ActiveMirror;
+
+    fn mirror(share: u32) -> ActiveMirror {
+        let target = Device::unthrottled(Arc::new(MemBackend::new(1 << 20)));
+        ActiveMirror::new(1 << 20, 64 << 10, target, 1 << 20, false).with_copier_share(share)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_rests_in_proportion_to_copy_io_only_while_guests_write() {
+        let m = mirror(80);
+        let mut p = Pacer::default();
+        assert_eq!(p.update(&m, true), None, "no copy I/O yet: no rest");
+        // 4 ms of copy I/O at an 80 % share: 1 ms of rest.
+        m.copy_busy_us.fetch_add(4_000, Ordering::Relaxed);
+        let until = p.update(&m, true).expect("a rest");
+        assert_eq!(until - Instant::now(), Duration::from_millis(1));
+        // Counted once: asking again does not extend it.
+        assert_eq!(p.update(&m, true), Some(until));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(p.update(&m, true), None);
+        // Guests idle: the copier takes everything, and I/O done meanwhile
+        // is not charged later.
+        m.copy_busy_us.fetch_add(40_000, Ordering::Relaxed);
+        assert_eq!(p.update(&m, false), None);
+        assert_eq!(p.update(&m, true), None);
+        // A 50 % share rests as long as it worked; 100 % never rests.
+        let half = mirror(50);
+        let mut p = Pacer::default();
+        half.copy_busy_us.fetch_add(3_000, Ordering::Relaxed);
+        let until = p.update(&half, true).expect("a rest");
+        assert_eq!(until - Instant::now(), Duration::from_millis(3));
+        let all = mirror(100);
+        let mut p = Pacer::default();
+        all.copy_busy_us.fetch_add(3_000, Ordering::Relaxed);
+        assert_eq!(p.update(&all, true), None);
     }
 }

@@ -144,13 +144,16 @@ pub struct MirrorSpec {
     pub policy: ConvergencePolicy,
 }
 
-/// When `auto` switches modes, the target-latency guard, and guest
-/// throttling. Durations in milliseconds.
+/// When `auto` switches modes, the target-latency guard, guest
+/// throttling, and how guests and the copier share the target. Durations in
+/// milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ConvergencePolicy {
     /// Auto: go write-blocking when not ready after this long.
     pub auto_ready_timeout_ms: u64,
-    /// Auto: go write-blocking when dirty rate ≥ copy rate this long.
+    /// Auto: go write-blocking when the copy has not been converging
+    /// (guests re-dirty ≥ 3/4 of what it cleans) this long.
     pub auto_diverging_window_ms: u64,
     /// Auto: least time between automatic switches (doubles after a
     /// return to background that diverged again).
@@ -163,18 +166,22 @@ pub struct ConvergencePolicy {
     pub guest_throttle_bytes_per_sec: u64,
     /// The dirty-bytes threshold for the guest cap.
     pub guest_throttle_below_bytes: u64,
+    /// While guests write, the copier's share (percent) of the target's
+    /// write limit and of its own time; guests go first on the rest.
+    pub copier_share_percent: u32,
 }
 
 impl Default for ConvergencePolicy {
     fn default() -> Self {
         Self {
             auto_ready_timeout_ms: 60_000,
-            auto_diverging_window_ms: 5_000,
+            auto_diverging_window_ms: 500,
             auto_min_dwell_ms: 10_000,
             target_latency_limit_ms: 0,
             target_latency_window_ms: 2_000,
             guest_throttle_bytes_per_sec: 0,
             guest_throttle_below_bytes: 64 << 20,
+            copier_share_percent: 80,
         }
     }
 }
@@ -226,6 +233,12 @@ impl MirrorSpec {
                     "{name} {v} must be between 1 ms and one day"
                 )));
             }
+        }
+        if !(1..=100).contains(&p.copier_share_percent) {
+            return Err(EngineError::invalid(format!(
+                "copier_share_percent {} must be between 1 and 100",
+                p.copier_share_percent
+            )));
         }
         if let TargetSpec::Volume(t) = &self.target
             && t == &self.source_volume
