@@ -148,9 +148,12 @@ pub struct ActiveMirror {
     target_failing: AtomicBool,
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
-    /// The same target for synchronous guest writes: the priority lane of
-    /// its limits, ahead of bulk copy, with the share the copier leaves.
+    /// The same target for synchronous guest writes while there is copying
+    /// to do: the priority lane of its limits, ahead of bulk copy, with the
+    /// share the copier leaves.
     guest_target: Device,
+    /// ... and once nothing is dirty: the whole limit, the copier being idle.
+    guest_target_alone: Device,
     /// While guests are active, the copier's share (percent) of the
     /// target's limit and of its own time.
     pub(crate) copier_share_percent: u32,
@@ -230,6 +233,7 @@ impl ActiveMirror {
             write_blocking: AtomicBool::new(write_blocking),
             target_failing: AtomicBool::new(false),
             guest_target: target.with_priority(20),
+            guest_target_alone: target.with_priority(100),
             copier_share_percent: 80,
             copy_busy_us: AtomicU64::new(0),
             target,
@@ -492,7 +496,12 @@ impl ActiveMirror {
             }
             let started = tokio::time::Instant::now();
             let (src, tgt) = tokio::join!(op.apply(source, offset, len), async {
-                let r = op.apply(&self.guest_target, offset, len).await;
+                let target = if self.dirty_chunks() == 0 {
+                    &self.guest_target_alone
+                } else {
+                    &self.guest_target
+                };
+                let r = op.apply(target, offset, len).await;
                 self.note_target_latency(started.elapsed());
                 r
             });
