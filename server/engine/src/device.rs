@@ -80,7 +80,6 @@ impl Device {
         }
     }
 
-
     /// Reads `len` bytes at `offset`: what the page cache holds right here
     /// on the calling worker (no thread hand-off, which is most of a 4 KiB
     /// read's cost), the rest on the blocking pool.

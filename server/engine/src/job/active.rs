@@ -189,6 +189,15 @@ pub struct ActiveMirror {
     /// a write to a dirty chunk goes to the target as soon as the copier
     /// cleans it, and in any mode guests and copier share CPU and disks.
     last_guest_write_ms: AtomicU64,
+    /// Distinct chunks guests touched since the runner last took them, kept
+    /// only while the runner asks (auto mode in background: the early
+    /// signal that background cannot converge, see policy.rs).
+    footprint: Mutex<Option<DirtyBitmap>>,
+    /// Whether `footprint` is kept (a flag, so the write path pays one
+    /// relaxed load when it is not).
+    footprint_on: AtomicBool,
+    /// Bytes of chunks newly touched since the runner last took them.
+    footprint_bytes: AtomicU64,
     /// Guest write cap during convergence, when the runner turns it on.
     guest_throttle: Throttle,
     /// Whether `guest_throttle` applies now (set by the runner).
@@ -250,6 +259,9 @@ impl ActiveMirror {
             copy_turn: tokio::sync::Mutex::new(()),
             epoch: tokio::time::Instant::now(),
             last_guest_write_ms: AtomicU64::new(0),
+            footprint: Mutex::new(None),
+            footprint_on: AtomicBool::new(false),
+            footprint_bytes: AtomicU64::new(0),
             guest_throttle: Throttle::default(),
             guest_throttle_on: AtomicBool::new(false),
             latency: LatencyCounters::default(),
@@ -272,6 +284,44 @@ impl ActiveMirror {
         self.copier_share_percent = percent;
         self.guest_target = self.target.with_priority(100 - percent);
         self
+    }
+
+    /// Starts or stops keeping the guests' footprint.
+    pub(crate) fn track_footprint(&self, on: bool) {
+        if self.footprint_on.swap(on, Ordering::AcqRel) == on {
+            return;
+        }
+        let mut f = self
+            .footprint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *f = on.then(|| DirtyBitmap::new(self.size.div_ceil(self.granularity())));
+        self.footprint_bytes.store(0, Ordering::Release);
+    }
+
+    /// Bytes of distinct chunks guests touched since the last call, and a
+    /// fresh start for the next.
+    pub(crate) fn take_footprint(&self) -> u64 {
+        let mut f = self
+            .footprint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(bm) = f.as_mut() {
+            bm.clear_all();
+        }
+        self.footprint_bytes.swap(0, Ordering::AcqRel)
+    }
+
+    fn note_footprint(&self, first: u64, end: u64) {
+        let mut f = self
+            .footprint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(bm) = f.as_mut() {
+            let new = bm.set_range(first, end).unwrap_or(0);
+            self.footprint_bytes
+                .fetch_add(new << self.chunk_shift, Ordering::Relaxed);
+        }
     }
 
     /// Sets the target-latency guard's limit (0 = off). Call before use.
@@ -468,6 +518,9 @@ impl ActiveMirror {
         }
         self.last_guest_write_ms
             .store(self.now_ms().max(1), Ordering::Release);
+        if self.footprint_on.load(Ordering::Relaxed) {
+            self.note_footprint(first, end);
+        }
         loop {
             let lock = self.locks.lock(offset, offset + len).await;
             if !self.is_write_blocking() || self.is_target_failing() {
@@ -834,5 +887,43 @@ mod tests {
                 "sides differ after the final copy"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod footprint_tests {
+    use super::*;
+    use crate::backend::MemBackend;
+
+    #[tokio::test]
+    async fn the_footprint_counts_distinct_chunks_only_while_tracked() {
+        const GRAN: u64 = 64 << 10;
+        let src = Device::unthrottled(Arc::new(MemBackend::new(1 << 20)));
+        let tgt = Device::unthrottled(Arc::new(MemBackend::new(1 << 20)));
+        let m = ActiveMirror::new(1 << 20, GRAN, tgt, 1 << 20, false);
+        let write = |off: u64, len: u64| {
+            let op = WriteOp::Data {
+                data: Bytes::from(vec![7u8; usize::try_from(len).unwrap()]),
+                fua: false,
+            };
+            m.guest_write(&src, off, len, op, None)
+        };
+        // Not tracked: nothing counted.
+        write(0, 4096).await.unwrap();
+        assert_eq!(m.take_footprint(), 0);
+        m.track_footprint(true);
+        // Three writes in chunk 0, one across chunks 2 and 3: three chunks.
+        write(0, 1024).await.unwrap();
+        write(4096, 1024).await.unwrap();
+        write(GRAN - 512, 512).await.unwrap();
+        write(3 * GRAN - 1, 2).await.unwrap();
+        assert_eq!(m.take_footprint(), 3 * GRAN);
+        // Taken: the next window starts empty, and chunk 0 counts again.
+        assert_eq!(m.take_footprint(), 0);
+        write(100, 1).await.unwrap();
+        assert_eq!(m.take_footprint(), GRAN);
+        m.track_footprint(false);
+        write(5 * GRAN, 4096).await.unwrap();
+        assert_eq!(m.take_footprint(), 0);
     }
 }
