@@ -286,6 +286,9 @@ impl Job {
         let mut s = self.lock();
         if s.status == JobStatus::Created {
             self.transition(&mut s, JobStatus::Running);
+            if s.pause_at_start {
+                self.transition(&mut s, JobStatus::Paused);
+            }
         }
         drop(s);
         self.save();
