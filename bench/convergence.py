@@ -102,6 +102,8 @@ LABEL = {
     "bm-auto": "blockmirror auto",
 }
 WORKLOADS = ("seed", "4k-qd4", "4k-qd16")
+# Extra `mirrorctl mirror start` options (--mirror-args).
+EXTRA_MIRROR_ARGS = []
 WL_LABEL = {"seed": "seed: 1 KiB QD1 + flush/4, 16 MiB hot",
             "4k-qd4": "random 4 KiB QD4", "4k-qd16": "random 4 KiB QD16"}
 
@@ -252,6 +254,7 @@ class BmEngine:
             args += ["--granularity", self.granularity]
         if self.buf_size:
             args += ["--buf-size", self.buf_size]
+        args += EXTRA_MIRROR_ARGS
         with self.cond:
             self.ev_start = len(self.ev)
         self.at_ready = None
@@ -1421,6 +1424,9 @@ def main():
                     choices=["direct", "buffered"],
                     help="QEMU images: cache.direct=on aio=native (the "
                          "shared harness's peer) or page cache")
+    ap.add_argument("--mirror-args", default="",
+                    help="extra `mirrorctl mirror start` options for "
+                    "blockmirror, e.g. '--copier-share 50'")
     ap.add_argument("--granularity", default=None)
     ap.add_argument("--buf-size", default=None)
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target",
@@ -1460,6 +1466,7 @@ def main():
         a.granularity = parse_size(a.granularity)
     if a.buf_size:
         a.buf_size = parse_size(a.buf_size)
+    EXTRA_MIRROR_ARGS.extend(a.mirror_args.split())
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
     mem_contenders = [c.strip() for c in a.mem_contenders.split(",")

@@ -808,3 +808,67 @@ impl Engine {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::spec::{CopyMode, ErrorPolicy, SyncMode, TargetSpec};
+    use crate::job::state::JobStatus;
+
+    fn spec() -> MirrorSpec {
+        MirrorSpec {
+            source_volume: "src".into(),
+            target: TargetSpec::Volume("dst".into()),
+            sync: SyncMode::Full,
+            copy_mode: CopyMode::Background,
+            granularity_bytes: 64 << 10,
+            buf_size_bytes: 1 << 20,
+            speed_bytes_per_sec: 0,
+            on_source_error: ErrorPolicy::Report,
+            on_target_error: ErrorPolicy::Report,
+            auto_finalize: true,
+            auto_dismiss: false,
+            bitmap: None,
+            policy: crate::job::spec::ConvergencePolicy::default(),
+        }
+    }
+
+    /// A job paused before its runner started (still `created`) becomes
+    /// `paused` when the runner starts, through `running` (created → paused
+    /// is not a transition), and copies nothing until resumed.
+    #[tokio::test]
+    async fn a_job_paused_while_created_starts_paused() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let engine = Engine::open(EngineConfig {
+            state_dir: dir.path().join("state"),
+            event_history: 64,
+        })
+        .unwrap();
+        engine.create_volume("src", 1 << 20, None).unwrap();
+        engine.create_volume("dst", 1 << 20, None).unwrap();
+        let job = engine.start_mirror("j", spec()).await.unwrap();
+        // The runner task has not run yet on this single-threaded runtime.
+        assert_eq!(job.status, JobStatus::Created);
+        assert_eq!(engine.pause_job("j").unwrap().status, JobStatus::Created);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while engine.get_job("j").unwrap().status == JobStatus::Created {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the runner never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let paused = engine.get_job("j").unwrap();
+        assert_eq!(paused.status, JobStatus::Paused, "{paused:?}");
+        engine.resume_job("j").unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while engine.get_job("j").unwrap().status != JobStatus::Ready {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never ready after resume"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}

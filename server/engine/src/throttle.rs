@@ -103,34 +103,26 @@ impl Throttle {
     /// # Cancel safety
     /// Cancel-safe; a cancelled request still used up its slot.
     pub async fn acquire(&self, bytes: u64) {
-        let wake_at = {
-            let mut s = self.lock();
-            if s.limits.is_unlimited() {
-                return;
-            }
-            let now = Instant::now();
-            let start = s.tat.map_or(now, |t| t.max(now));
-            let tat = start + s.limits.cost(bytes);
-            s.tat = Some(tat);
-            tat.checked_sub(BURST_ALLOWANCE).unwrap_or(now)
-        };
-        if wake_at > Instant::now() {
-            tokio::time::sleep_until(wake_at).await;
-        }
+        self.admit(bytes, None).await;
     }
 
     /// Waits until `bytes` of priority traffic may pass: only behind other
     /// priority requests, never behind what ordinary requests reserved, and
     /// held to `share_percent` of the limit among themselves, so ordinary
     /// traffic keeps the rest. The cost is charged to the shared clock too,
-    /// so ordinary requests wait for it.
+    /// so ordinary requests wait for it. A share of 0 is ordinary traffic.
     ///
     /// # Cancel safety
     /// Cancel-safe; a cancelled request still used up its slot.
     pub async fn acquire_priority(&self, bytes: u64, share_percent: u32) {
-        if share_percent == 0 {
-            return self.acquire(bytes).await;
-        }
+        self.admit(bytes, (share_percent > 0).then_some(share_percent.min(100)))
+            .await;
+    }
+
+    /// Reserves `bytes` on the shared clock (and, for priority traffic
+    /// with its share, on the priority clock), then sleeps until the clock
+    /// the request answers to lies within the burst allowance of now.
+    async fn admit(&self, bytes: u64, priority_share: Option<u32>) {
         let wake_at = {
             let mut s = self.lock();
             if s.limits.is_unlimited() {
@@ -140,10 +132,15 @@ impl Throttle {
             let cost = s.limits.cost(bytes);
             let tat = s.tat.map_or(now, |t| t.max(now)) + cost;
             s.tat = Some(tat);
-            let own_cost = cost * 100 / share_percent.min(100);
-            let own = s.priority_tat.map_or(now, |t| t.max(now)) + own_cost;
-            s.priority_tat = Some(own);
-            own.checked_sub(BURST_ALLOWANCE).unwrap_or(now)
+            let due = match priority_share {
+                None => tat,
+                Some(share) => {
+                    let own = s.priority_tat.map_or(now, |t| t.max(now)) + cost * 100 / share;
+                    s.priority_tat = Some(own);
+                    own
+                }
+            };
+            due.checked_sub(BURST_ALLOWANCE).unwrap_or(now)
         };
         if wake_at > Instant::now() {
             tokio::time::sleep_until(wake_at).await;

@@ -352,10 +352,31 @@ mod tests {
     use crate::telemetry::sampler::HonourWriteDecision;
     use blockmirror_engine::observe::WriteTiming;
     use opentelemetry::trace::TracerProvider as _;
-    use opentelemetry_sdk::trace::{InMemorySpanExporter, Sampler, SdkTracerProvider, SpanData};
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+    use std::sync::Arc;
 
-    fn recorder(ratio: f64) -> (SpanRecorder, SdkTracerProvider, InMemorySpanExporter) {
-        let exporter = InMemorySpanExporter::default();
+    /// Keeps exported spans. (The SDK's own in-memory exporter sits behind
+    /// its `testing` feature; as a dev-dependency feature it would make
+    /// `cargo test` and `cargo build` compile the SDK twice.)
+    #[derive(Debug, Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Kept {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    impl Kept {
+        fn get_finished_spans(&self) -> Result<Vec<SpanData>, ()> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+    }
+
+    fn recorder(ratio: f64) -> (SpanRecorder, SdkTracerProvider, Kept) {
+        let exporter = Kept::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
             // The environment's sampler drops everything; write and copy

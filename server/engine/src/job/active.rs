@@ -150,9 +150,12 @@ pub struct ActiveMirror {
     target_failing: AtomicBool,
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
-    /// The same target for synchronous guest writes: the priority lane of
-    /// its limits, ahead of bulk copy, with the share the copier leaves.
+    /// The same target for synchronous guest writes while there is copying
+    /// to do: the priority lane of its limits, ahead of bulk copy, with the
+    /// share the copier leaves.
     guest_target: Device,
+    /// ... and once nothing is dirty: the whole limit, the copier being idle.
+    guest_target_alone: Device,
     /// While guests are active, the copier's share (percent) of the
     /// target's limit and of its own time.
     pub(crate) copier_share_percent: u32,
@@ -188,6 +191,15 @@ pub struct ActiveMirror {
     /// a write to a dirty chunk goes to the target as soon as the copier
     /// cleans it, and in any mode guests and copier share CPU and disks.
     last_guest_write_ms: AtomicU64,
+    /// Distinct chunks guests touched since the runner last took them, kept
+    /// only while the runner asks (auto mode in background: the early
+    /// signal that background cannot converge, see policy.rs).
+    footprint: Mutex<Option<DirtyBitmap>>,
+    /// Whether `footprint` is kept (a flag, so the write path pays one
+    /// relaxed load when it is not).
+    footprint_on: AtomicBool,
+    /// Bytes of chunks newly touched since the runner last took them.
+    footprint_bytes: AtomicU64,
     /// Guest write cap during convergence, when the runner turns it on.
     guest_throttle: Throttle,
     /// Whether `guest_throttle` applies now (set by the runner).
@@ -234,6 +246,7 @@ impl ActiveMirror {
             write_blocking: AtomicBool::new(write_blocking),
             target_failing: AtomicBool::new(false),
             guest_target: target.with_priority(20),
+            guest_target_alone: target.with_priority(100),
             copier_share_percent: 80,
             copy_busy_us: AtomicU64::new(0),
             target,
@@ -250,6 +263,9 @@ impl ActiveMirror {
             copy_turn: tokio::sync::Mutex::new(()),
             epoch: tokio::time::Instant::now(),
             last_guest_write_ms: AtomicU64::new(0),
+            footprint: Mutex::new(None),
+            footprint_on: AtomicBool::new(false),
+            footprint_bytes: AtomicU64::new(0),
             guest_throttle: Throttle::default(),
             guest_throttle_on: AtomicBool::new(false),
             latency: LatencyCounters::default(),
@@ -279,6 +295,44 @@ impl ActiveMirror {
         self.copier_share_percent = percent;
         self.guest_target = self.target.with_priority(100 - percent);
         self
+    }
+
+    /// Starts or stops keeping the guests' footprint.
+    pub(crate) fn track_footprint(&self, on: bool) {
+        if self.footprint_on.swap(on, Ordering::AcqRel) == on {
+            return;
+        }
+        let mut f = self
+            .footprint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *f = on.then(|| DirtyBitmap::new(self.size.div_ceil(self.granularity())));
+        self.footprint_bytes.store(0, Ordering::Release);
+    }
+
+    /// Bytes of distinct chunks guests touched since the last call, and a
+    /// fresh start for the next.
+    pub(crate) fn take_footprint(&self) -> u64 {
+        let mut f = self
+            .footprint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(bm) = f.as_mut() {
+            bm.clear_all();
+        }
+        self.footprint_bytes.swap(0, Ordering::AcqRel)
+    }
+
+    fn note_footprint(&self, first: u64, end: u64) {
+        let mut f = self
+            .footprint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(bm) = f.as_mut() {
+            let new = bm.set_range(first, end).unwrap_or(0);
+            self.footprint_bytes
+                .fetch_add(new << self.chunk_shift, Ordering::Relaxed);
+        }
     }
 
     /// Sets the target-latency guard's limit (0 = off). Call before use.
@@ -476,6 +530,9 @@ impl ActiveMirror {
         }
         self.last_guest_write_ms
             .store(self.now_ms().max(1), Ordering::Release);
+        if self.footprint_on.load(Ordering::Relaxed) {
+            self.note_footprint(first, end);
+        }
         loop {
             let asked = tokio::time::Instant::now();
             let lock = self.locks.lock(offset, offset + len).await;
@@ -507,7 +564,12 @@ impl ActiveMirror {
             }
             let started = tokio::time::Instant::now();
             let (src, tgt) = tokio::join!(timed(op.apply(source, offset, len)), async {
-                let r = op.apply(&self.guest_target, offset, len).await;
+                let target = if self.dirty_chunks() == 0 {
+                    &self.guest_target_alone
+                } else {
+                    &self.guest_target
+                };
+                let r = op.apply(target, offset, len).await;
                 let took = started.elapsed();
                 self.note_target_latency(took);
                 (r, took)
@@ -848,5 +910,47 @@ mod tests {
                 "sides differ after the final copy"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod footprint_tests {
+    use super::*;
+    use crate::backend::MemBackend;
+
+    #[tokio::test]
+    async fn the_footprint_counts_distinct_chunks_only_while_tracked() {
+        const GRAN: u64 = 64 << 10;
+        let src = Device::unthrottled(Arc::new(MemBackend::new(1 << 20)));
+        let tgt = Device::unthrottled(Arc::new(MemBackend::new(1 << 20)));
+        let m = ActiveMirror::new(1 << 20, GRAN, tgt, 1 << 20, false);
+        let (m, src) = (&m, &src);
+        let write = |off: u64, len: u64| {
+            let op = WriteOp::Data {
+                data: Bytes::from(vec![7u8; usize::try_from(len).unwrap()]),
+                fua: false,
+            };
+            async move {
+                m.guest_write(src, off, len, op, None, &mut WriteTiming::start())
+                    .await
+            }
+        };
+        // Not tracked: nothing counted.
+        write(0, 4096).await.unwrap();
+        assert_eq!(m.take_footprint(), 0);
+        m.track_footprint(true);
+        // Three writes in chunk 0, one across chunks 2 and 3: three chunks.
+        write(0, 1024).await.unwrap();
+        write(4096, 1024).await.unwrap();
+        write(GRAN - 512, 512).await.unwrap();
+        write(3 * GRAN - 1, 2).await.unwrap();
+        assert_eq!(m.take_footprint(), 3 * GRAN);
+        // Taken: the next window starts empty, and chunk 0 counts again.
+        assert_eq!(m.take_footprint(), 0);
+        write(100, 1).await.unwrap();
+        assert_eq!(m.take_footprint(), GRAN);
+        m.track_footprint(false);
+        write(5 * GRAN, 4096).await.unwrap();
+        assert_eq!(m.take_footprint(), 0);
     }
 }

@@ -99,6 +99,9 @@ struct Shared {
     /// `Some(force)` once cancel was asked for.
     cancel_requested: Option<bool>,
     finalize_requested: bool,
+    /// Paused before the runner started: it goes running → paused at once
+    /// (created → paused is not a transition of the state machine).
+    pause_at_start: bool,
     copy_rate: u64,
     dirty_rate: u64,
     /// Bytes/s by which the dirty set shrank over the trend window (the
@@ -169,6 +172,7 @@ impl Job {
                 complete_requested: false,
                 cancel_requested: None,
                 finalize_requested: false,
+                pause_at_start: false,
                 copy_rate: 0,
                 dirty_rate: 0,
                 net_rate: None,
@@ -341,7 +345,8 @@ impl Job {
         let mut s = self.lock();
         self.check_verb(&s, Verb::Pause)?;
         match s.status {
-            JobStatus::Running | JobStatus::Created => self.transition(&mut s, JobStatus::Paused),
+            JobStatus::Running => self.transition(&mut s, JobStatus::Paused),
+            JobStatus::Created => s.pause_at_start = true,
             JobStatus::Ready => self.transition(&mut s, JobStatus::Standby),
             _ => {}
         }
@@ -358,6 +363,7 @@ impl Job {
         match s.status {
             JobStatus::Paused => self.transition(&mut s, JobStatus::Running),
             JobStatus::Standby => self.transition(&mut s, JobStatus::Ready),
+            JobStatus::Created => s.pause_at_start = false,
             _ => {}
         }
         s.error = None;

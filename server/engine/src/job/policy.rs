@@ -10,10 +10,22 @@
 //! `auto` starts in background mode (the guest pays nothing for the copy)
 //! and switches to write-blocking when the job would not converge: READY has
 //! not come within `auto_ready_timeout_ms`, or for `auto_diverging_window_ms`
-//! guests re-dirtied at least three quarters of what the copier cleaned (its
-//! net progress under a quarter of its speed: background would take four
-//! times as long as write-blocking, or never finish), or the dirty set did
-//! not shrink over the trend window. (A complete request switches too; the
+//! one of these held, each measured against the copier's capacity (the
+//! faster of its current rate and the best data rate it has shown):
+//!
+//! - guests re-dirtied at least three quarters of what the copier can clean
+//!   (its net progress under a quarter of its speed: background would take
+//!   four times as long as write-blocking, or never finish);
+//! - guests *touched* distinct chunks at three quarters of that rate or more
+//!   (their footprint). This is the early signal: at the start nearly
+//!   everything is dirty, so guests cannot re-dirty much yet, but a working
+//!   set rewritten faster than the copier can clean it will never be clean
+//!   all at once;
+//! - the dirty set did not shrink over the trend window.
+//!
+//! Capacity, not the current rate, is the yardstick so that a copier that
+//! keeps up with a light load (and so copies exactly what guests dirty) does
+//! not read as losing. (A complete request switches too; the
 //! job does that itself.) The window is short (500 ms by default) because
 //! every second spent in background under such a load is a second of copying
 //! redone later; hysteresis guards the way back, not the way in. After READY, write-blocking
@@ -79,6 +91,9 @@ pub struct Sample {
     /// Bytes/s of non-zero data the copier wrote (the target's proven
     /// bandwidth for copies).
     pub copy_data_rate: u64,
+    /// Bytes/s of distinct chunks guests touched (auto mode in background
+    /// only; 0 otherwise).
+    pub footprint_rate: u64,
     /// Time guest writes spent waiting on the target per unit of time, in
     /// thousandths (1000 = a guest write was always at the target).
     pub target_busy_permille: u64,
@@ -167,15 +182,16 @@ impl PolicyState {
         if s.copy_data_rate > self.peak_copy_rate {
             self.peak_copy_rate = s.copy_data_rate;
         }
-        // Not converging: guests re-dirty at least three quarters of what the
-        // copier cleans, or the dirty set has not shrunk meaningfully over
-        // the trend window (a copier running in place).
-        let redirty_heavy =
-            s.dirty_rate > 0 && s.dirty_rate.saturating_mul(4) >= s.copy_rate.saturating_mul(3);
+        // Not converging (see the module doc): measured against what the
+        // copier can do, not what it happens to be doing.
+        let capacity = s.copy_rate.max(self.peak_copy_rate);
+        let heavy = |rate: u64| rate > 0 && rate.saturating_mul(4) >= capacity.saturating_mul(3);
+        let redirty_heavy = heavy(s.dirty_rate);
+        let footprint_heavy = heavy(s.footprint_rate);
         let stalled_trend = s
             .net_rate
             .is_some_and(|net| net < i64::try_from(s.copy_rate / 20).unwrap_or(i64::MAX).max(1));
-        let diverging = s.dirty_bytes > 0 && (redirty_heavy || stalled_trend);
+        let diverging = s.dirty_bytes > 0 && (redirty_heavy || footprint_heavy || stalled_trend);
         if !s.write_blocking && diverging {
             self.diverging_since.get_or_insert(s.now_ms);
         } else {
@@ -251,9 +267,10 @@ impl PolicyState {
                     }
                     let reason = if diverged_long {
                         format!(
-                            "not converging for {} ms: guests dirty {} KiB/s, the copier copies {} KiB/s",
+                            "not converging for {} ms: guests dirty {} KiB/s and touch {} KiB/s of chunks, the copier copies {} KiB/s",
                             self.policy.auto_diverging_window_ms,
                             s.dirty_rate >> 10,
+                            s.footprint_rate >> 10,
                             s.copy_rate >> 10
                         )
                     } else {
@@ -328,6 +345,7 @@ mod tests {
             net_rate: None,
             would_dirty_rate: 0,
             copy_data_rate: 20 << 20,
+            footprint_rate: 0,
             target_busy_permille: 0,
             slow_target_writes: 0,
             target_writes: 0,
@@ -414,6 +432,76 @@ mod tests {
             40,
             false,
             none,
+        );
+        assert!(switches.is_empty(), "{switches:?}");
+    }
+
+    #[test]
+    fn a_wide_footprint_switches_before_anything_is_redirtied() {
+        // At the start everything is dirty: guests re-dirty nothing yet,
+        // but they touch 64 MiB/s of distinct chunks against a 20 MiB/s
+        // copier — a working set background can never clean.
+        let mut p = PolicyState::new(policy());
+        let early = |s: &Sample| Sample {
+            dirty_rate: 0,
+            footprint_rate: 64 << 20,
+            ..*s
+        };
+        let switches = run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            8,
+            false,
+            early,
+        );
+        assert_eq!(switches, vec![(1000, true)]);
+        // A small footprint (a light writer) keeps background.
+        let mut p = PolicyState::new(policy());
+        let light = |s: &Sample| Sample {
+            dirty_rate: 0,
+            footprint_rate: 4 << 20,
+            ..*s
+        };
+        assert!(
+            run(
+                &mut p,
+                sample(0, JobStatus::Running, false),
+                40,
+                false,
+                light
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_copier_keeping_up_with_a_light_load_is_not_losing() {
+        // After READY in background, the copier copies exactly what guests
+        // dirty (1 MiB/s each way) — far below the 20 MiB/s it has shown.
+        let mut p = PolicyState::new(policy());
+        let light = |s: &Sample| Sample {
+            dirty_rate: 1 << 20,
+            ..*s
+        };
+        assert!(
+            p.tick(light(&sample(0, JobStatus::Running, false)))
+                .is_empty()
+        );
+        let keeping_up = |s: &Sample| Sample {
+            status: JobStatus::Ready,
+            dirty_bytes: 64 << 10,
+            dirty_rate: 1 << 20,
+            copy_rate: 1 << 20,
+            copy_data_rate: 1 << 20,
+            footprint_rate: 1 << 20,
+            ..*s
+        };
+        let switches = run(
+            &mut p,
+            sample(250, JobStatus::Ready, false),
+            80,
+            false,
+            keeping_up,
         );
         assert!(switches.is_empty(), "{switches:?}");
     }

@@ -286,6 +286,9 @@ impl Job {
         let mut s = self.lock();
         if s.status == JobStatus::Created {
             self.transition(&mut s, JobStatus::Running);
+            if s.pause_at_start {
+                self.transition(&mut s, JobStatus::Paused);
+            }
         }
         drop(s);
         self.save();
@@ -568,6 +571,8 @@ impl Job {
             .max(1);
         sm.last_tick = now;
         let target_busy_permille = busy_us.saturating_mul(1000) / tick_us;
+        // tick_us is at least 1; footprints are far below u64::MAX / 10^6.
+        let footprint_rate = self.mirror.take_footprint().saturating_mul(1_000_000) / tick_us;
         let mut s = self.lock();
         s.copy_rate = copy_rate;
         s.dirty_rate = dirty_rate;
@@ -586,6 +591,7 @@ impl Job {
             net_rate,
             would_dirty_rate,
             copy_data_rate,
+            footprint_rate,
             target_busy_permille,
             slow_target_writes: slow,
             target_writes: total,
@@ -604,6 +610,13 @@ impl Job {
                 }
             }
         }
+        // The guests' footprint only informs auto mode's way into
+        // write-blocking; elsewhere it would cost the write path for nothing.
+        self.mirror.track_footprint(
+            s.requested_mode == super::spec::CopyMode::Auto
+                && !self.mirror.is_write_blocking()
+                && matches!(s.status, JobStatus::Running | JobStatus::Ready),
+        );
         sm.ticks += 1;
         if sm.ticks.is_multiple_of(TICKS_PER_SECOND) {
             let p = self.progress(&s);

@@ -153,7 +153,8 @@ pub struct ConvergencePolicy {
     /// Auto: go write-blocking when not ready after this long.
     pub auto_ready_timeout_ms: u64,
     /// Auto: go write-blocking when the copy has not been converging
-    /// (guests re-dirty ≥ 3/4 of what it cleans) this long.
+    /// (guests re-dirty or touch chunks at ≥ 3/4 of what it can clean) this
+    /// long.
     pub auto_diverging_window_ms: u64,
     /// Auto: least time between automatic switches (doubles after a
     /// return to background that diverged again).
