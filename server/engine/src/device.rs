@@ -1,5 +1,12 @@
-//! Async access to a backend: blocking I/O on the blocking pool, with the
-//! write limits of the volume it belongs to.
+//! Async access to a backend, with the write limits of the volume it
+//! belongs to. Where the I/O runs:
+//!
+//! - reads the page cache holds: inline on the runtime worker
+//!   ([`BlockBackend::read_cached`], `preadv2(RWF_NOWAIT)`): no hand-off;
+//! - writes to local files (no FUA): the engine's short-I/O pool
+//!   (`iopool.rs`), which wakes threads only for a backlog;
+//! - everything else (flushes, FUA, remote targets, cache misses): tokio's
+//!   blocking pool, where no job ever waits for another.
 
 use crate::backend::{Allocation, BlockBackend};
 use crate::error::{EngineError, Result};

@@ -18,7 +18,8 @@
 //! - [`latency`]: the lock-free log-bucketed latency histogram.
 //! - [`backend`]: block backends (raw file / block device, remote NBD
 //!   export, memory).
-//! - [`device`]: async access to a backend on the blocking pool.
+//! - [`device`]: async access to a backend (inline cached reads, the
+//!   short-I/O pool, or tokio's blocking pool).
 //! - [`events`]: the numbered event log with replay.
 //! - [`store`]: the state directory.
 //! - [`names`]: name validation.

@@ -220,7 +220,8 @@ pub struct LatencyCounters {
     pub slow: AtomicU64,
     /// All synchronous target writes.
     pub total: AtomicU64,
-    /// Sum of their latencies, in microseconds.
+    /// Sum of their latencies since the mirror started, in microseconds
+    /// (never reset: the runner takes differences over its rate window).
     pub sum_us: AtomicU64,
 }
 

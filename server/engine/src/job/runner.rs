@@ -19,13 +19,16 @@ const MAX_COPY_OPS: usize = 16;
 /// Largest copy operation. Small enough that a guest write waiting on a
 /// chunk under copy waits for at most 1 MiB of target I/O.
 const MAX_COPY_OP_BYTES: u64 = 1 << 20;
-/// Policy tick: rates are sampled and the convergence policy runs this often.
-const TICK: Duration = Duration::from_millis(250);
+/// Policy tick: rates are sampled and the convergence policy runs this
+/// often. Short, because every tick auto mode spends in background under a
+/// load it cannot win against is copying redone later (on a fast target,
+/// hundreds of MB a second).
+const TICK: Duration = Duration::from_millis(100);
 /// Ticks per PROGRESS event (about one a second) and per rate window.
-const TICKS_PER_SECOND: usize = 4;
+const TICKS_PER_SECOND: usize = 10;
 /// Ticks over which the trend of dirty bytes is judged (3 s): long enough
 /// that a copier running in place against a random writer reads as such.
-const TREND_TICKS: usize = 12;
+const TREND_TICKS: usize = 30;
 /// While guests write to the target: copy operations at most this big...
 const ACTIVE_COPY_OP_BYTES: u64 = 256 << 10;
 /// ... and at most this many in flight (one doing I/O, one waiting its turn).
@@ -124,11 +127,12 @@ impl Cursor {
 /// Counter readings of the last second, one per tick, for rates.
 #[derive(Debug)]
 struct Sampler {
-    /// (when, progress, dirtied, would-dirty, copied data) byte counters.
-    window: std::collections::VecDeque<(Instant, u64, u64, u64, u64)>,
+    /// (when, progress, dirtied, would-dirty, copied data byte counters,
+    /// microseconds guest writes spent at the target).
+    window: std::collections::VecDeque<(Instant, u64, u64, u64, u64, u64)>,
     /// (when, dirty bytes) over the trend window.
     trend: std::collections::VecDeque<(Instant, u64)>,
-    /// When the previous tick ran (for the target-busy fraction).
+    /// When the previous tick ran (for the footprint rate).
     last_tick: Instant,
     ticks: usize,
     policy: super::policy::PolicyState,
@@ -528,6 +532,7 @@ impl Job {
             c.dirtied_bytes.load(Ordering::Relaxed),
             c.would_dirty_bytes.load(Ordering::Relaxed),
             c.copied_data_bytes.load(Ordering::Relaxed),
+            self.mirror.latency.sum_us.load(Ordering::Relaxed),
         );
         let oldest = *sm.window.front().unwrap_or(&reading);
         sm.window.push_back(reading);
@@ -545,6 +550,9 @@ impl Job {
         let dirty_rate = rate(reading.2.saturating_sub(oldest.2));
         let would_dirty_rate = rate(reading.3.saturating_sub(oldest.3));
         let copy_data_rate = rate(reading.4.saturating_sub(oldest.4));
+        // Over the whole rate window, not one tick: a write that waited
+        // 400 ms counts when it completes, so per tick this is spiky.
+        let target_busy_permille = rate(reading.5.saturating_sub(oldest.5)) / 1000;
         let dirty_now = self.mirror.dirty_bytes();
         sm.trend.push_back((now, dirty_now));
         if sm.trend.len() > TREND_TICKS {
@@ -565,12 +573,10 @@ impl Job {
             lat.slow.swap(0, Ordering::Relaxed),
             lat.total.swap(0, Ordering::Relaxed),
         );
-        let busy_us = lat.sum_us.swap(0, Ordering::Relaxed);
         let tick_us = u64::try_from(now.duration_since(sm.last_tick).as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
         sm.last_tick = now;
-        let target_busy_permille = busy_us.saturating_mul(1000) / tick_us;
         // tick_us is at least 1; footprints are far below u64::MAX / 10^6.
         let footprint_rate = self.mirror.take_footprint().saturating_mul(1_000_000) / tick_us;
         let mut s = self.lock();
