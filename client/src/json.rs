@@ -95,6 +95,7 @@ pub fn spec_json(spec: &MirrorSpec) -> Value {
         "guest_throttle": spec.guest_throttle_bytes_per_sec,
         "guest_throttle_below": spec.guest_throttle_below_bytes,
         "copier_share_percent": spec.copier_share_percent,
+        "copier_time_share_percent": spec.copier_time_share_percent,
     })
 }
 

@@ -794,7 +794,7 @@ async fn start_mirror_refuses_bad_specs() {
         );
     }
 
-    // The copier's share of the target (0 means the default, 80).
+    // The copier's shares (0 means the default).
     let mut s = good();
     s.copier_share_percent = 101;
     refused(
@@ -802,6 +802,14 @@ async fn start_mirror_refuses_bad_specs() {
         c.jobs.start_mirror(start_req("j", s)).await,
         Code::InvalidArgument,
         &["copier_share_percent", "101", "between 1 and 100"],
+    );
+    let mut s = good();
+    s.copier_time_share_percent = 250;
+    refused(
+        "copier_time_share_percent 250",
+        c.jobs.start_mirror(start_req("j", s)).await,
+        Code::InvalidArgument,
+        &["copier_time_share_percent", "250", "between 1 and 100"],
     );
 
     // Target forms.

@@ -608,7 +608,10 @@ impl Engine {
                 spec.copy_mode == CopyMode::WriteBlocking,
             )
             .with_latency_limit(spec.policy.target_latency_limit_ms)
-            .with_copier_share(spec.policy.copier_share_percent)
+            .with_copier_share(
+                spec.policy.copier_share_percent,
+                spec.policy.copier_time_share_percent,
+            )
             .with_observer(Arc::clone(&observed)),
         );
         let (store, volumes) = (Arc::clone(&self.store), Arc::clone(&self.volumes));

@@ -5,8 +5,8 @@
 //! records ([`GuestWrite`], [`CopyOp`], [`JobStarted`], [`JobStatusChange`])
 //! and hands them to an [`IoObserver`] that the server installs with
 //! [`crate::Engine::set_observer`]. With none installed, a guest write costs
-//! a few `Instant::now()` calls and four histogram increments for its job
-//! (GetJob's percentiles), nothing else.
+//! a few `Instant::now()` calls, plus four histogram increments for its job
+//! (GetJob's percentiles) while a job mirrors the volume; nothing else.
 //!
 //! Records are handed over *after* the fact, with durations, so an
 //! observer decides what to build (a span, a histogram sample, nothing)

@@ -197,6 +197,11 @@ fn convergence_policy_in(s: &v1::MirrorSpec) -> ConvergencePolicy {
         } else {
             s.copier_share_percent
         },
+        copier_time_share_percent: if s.copier_time_share_percent == 0 {
+            d.copier_time_share_percent
+        } else {
+            s.copier_time_share_percent
+        },
     }
 }
 
@@ -232,6 +237,7 @@ pub fn spec(s: &MirrorSpec) -> v1::MirrorSpec {
         guest_throttle_bytes_per_sec: s.policy.guest_throttle_bytes_per_sec,
         guest_throttle_below_bytes: s.policy.guest_throttle_below_bytes,
         copier_share_percent: s.policy.copier_share_percent,
+        copier_time_share_percent: s.policy.copier_time_share_percent,
     }
 }
 

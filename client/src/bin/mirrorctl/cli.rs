@@ -55,10 +55,11 @@ Convergence: a background copy finishes only if the copier outruns the guests.
 
   Guests first: while guests write, the copier keeps --copier-share [80]
   percent of the target's write limit (synchronous guest writes take the rest
-  ahead of bulk copy) and of its own time (it rests between operations, which
-  leaves CPU and disks to guests when the target is fast); when guests are
-  idle it takes everything. A lower share serves guests better and converges
-  later: READY takes about size / (share x target bandwidth) under load.";
+  ahead of bulk copy), and spends at most --copier-time-share [50] percent of
+  the time on copy I/O (it rests between operations, which leaves CPU, page
+  cache and disks to guests when the target is fast); when guests are idle it
+  takes everything. Lower shares serve guests better and converge later: on a
+  saturated slow target READY takes about size / (share x bandwidth).";
 
 const NBD_URI_HELP: &str = "\
 NBD_URI names a remote NBD export; blockmirrord connects to it:
@@ -412,8 +413,8 @@ pub(crate) struct StartArgs {
         help_heading = CONVERGENCE_HEADING
     )]
     pub(crate) guest_throttle_below: Option<u64>,
-    /// Percent of the target (its write limit, and the copier's time) the
-    /// copier keeps while guests write, 1-100; default 80.
+    /// Percent of the target's write limit the copier keeps while guests
+    /// write, 1-100; default 80.
     #[arg(
         long,
         value_name = "PERCENT",
@@ -421,6 +422,15 @@ pub(crate) struct StartArgs {
         help_heading = CONVERGENCE_HEADING
     )]
     pub(crate) copier_share: Option<u32>,
+    /// Percent of the time the copier may spend on copy I/O while guests
+    /// write, 1-100; default 50.
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        value_parser = clap::value_parser!(u32).range(1..=100),
+        help_heading = CONVERGENCE_HEADING
+    )]
+    pub(crate) copier_time_share: Option<u32>,
 }
 
 /// The heading of the convergence options in `mirror start --help`.
@@ -1171,11 +1181,14 @@ mod tests {
             "256M",
             "--copier-share",
             "60",
+            "--copier-time-share",
+            "30",
         ]);
         let Command::Mirror(MirrorCmd::Start(a)) = cli.command else {
             panic!("{:?}", cli.command)
         };
         assert_eq!(a.copier_share, Some(60));
+        assert_eq!(a.copier_time_share, Some(30));
         assert_eq!(a.auto_ready_timeout, Some(90_000));
         assert_eq!(a.auto_diverging_window, Some(500));
         assert_eq!(a.auto_min_dwell, Some(2_250));
@@ -1243,9 +1256,11 @@ mod tests {
             v.extend_from_slice(extra);
             err(&v)
         };
-        for bad in ["0", "101", "half", "50%", ""] {
-            let e = with(&["--copier-share", bad]);
-            assert_eq!(e.kind(), ErrorKind::ValueValidation, "--copier-share {bad}");
+        for flag in ["--copier-share", "--copier-time-share"] {
+            for bad in ["0", "101", "half", "50%", ""] {
+                let e = with(&[flag, bad]);
+                assert_eq!(e.kind(), ErrorKind::ValueValidation, "{flag} {bad}");
+            }
         }
         for flag in [
             "--auto-ready-timeout",

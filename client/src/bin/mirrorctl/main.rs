@@ -288,6 +288,7 @@ fn mirror_spec(args: &StartArgs) -> MirrorSpec {
         guest_throttle_bytes_per_sec: args.guest_throttle.unwrap_or(0),
         guest_throttle_below_bytes: args.guest_throttle_below.unwrap_or(0),
         copier_share_percent: args.copier_share.unwrap_or(0),
+        copier_time_share_percent: args.copier_time_share.unwrap_or(0),
         ..MirrorSpec::default()
     };
     if let Some(mode) = args.mode {
@@ -755,8 +756,9 @@ mod tests {
                 spec.guest_throttle_bytes_per_sec,
                 spec.guest_throttle_below_bytes,
                 spec.copier_share_percent,
+                spec.copier_time_share_percent,
             ),
-            (0, 0, 0, 0, 0, 0, 0, 0)
+            (0, 0, 0, 0, 0, 0, 0, 0, 0)
         );
     }
 
@@ -787,6 +789,8 @@ mod tests {
             "128M",
             "--copier-share",
             "50",
+            "--copier-time-share",
+            "25",
         ])
         .unwrap();
         let Command::Mirror(MirrorCmd::Start(args)) = cli.command else {
@@ -801,6 +805,7 @@ mod tests {
         assert_eq!(spec.guest_throttle_bytes_per_sec, 20 << 20);
         assert_eq!(spec.guest_throttle_below_bytes, 128 << 20);
         assert_eq!(spec.copier_share_percent, 50);
+        assert_eq!(spec.copier_time_share_percent, 25);
     }
 
     #[test]

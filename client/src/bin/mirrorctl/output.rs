@@ -358,14 +358,23 @@ pub(crate) fn job_details(job: &Job) -> String {
                 ),
             ]);
         }
-        pairs.push((
-            "copier_share",
-            if spec.copier_share_percent == 0 {
+        let percent_or_default = |p: u32| {
+            if p == 0 {
                 "default".to_owned()
             } else {
-                format!("{} %", spec.copier_share_percent)
-            },
-        ));
+                format!("{p} %")
+            }
+        };
+        pairs.extend([
+            (
+                "copier_share",
+                percent_or_default(spec.copier_share_percent),
+            ),
+            (
+                "copier_time_share",
+                percent_or_default(spec.copier_time_share_percent),
+            ),
+        ]);
         if spec.guest_throttle_bytes_per_sec == 0 {
             pairs.push(("guest_throttle", "off".to_owned()));
         } else {

@@ -156,9 +156,9 @@ pub struct ActiveMirror {
     guest_target: Device,
     /// ... and once nothing is dirty: the whole limit, the copier being idle.
     guest_target_alone: Device,
-    /// While guests are active, the copier's share (percent) of the
-    /// target's limit and of its own time.
-    pub(crate) copier_share_percent: u32,
+    /// While guests are active, the share (percent) of the time the copier
+    /// may spend on copy I/O (the runner's pacer).
+    pub(crate) copier_time_share_percent: u32,
     /// Microseconds copies spent on I/O (after paying the target's limit):
     /// the runner paces the copier by it while guests are active.
     pub(crate) copy_busy_us: AtomicU64,
@@ -248,7 +248,7 @@ impl ActiveMirror {
             target_failing: AtomicBool::new(false),
             guest_target: target.with_priority(20),
             guest_target_alone: target.with_priority(100),
-            copier_share_percent: 80,
+            copier_time_share_percent: 50,
             copy_busy_us: AtomicU64::new(0),
             target,
             budget: InflightBudget::new(buf_size),
@@ -288,13 +288,13 @@ impl ActiveMirror {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Sets the copier's share (1–100 %) of the target while guests are
-    /// active; guests get the rest of its limit ahead of bulk copy. Call
-    /// before use.
-    pub fn with_copier_share(mut self, percent: u32) -> Self {
-        let percent = percent.clamp(1, 100);
-        self.copier_share_percent = percent;
-        self.guest_target = self.target.with_priority(100 - percent);
+    /// Sets the copier's shares (1–100 %) while guests are active: of the
+    /// target's write limit (guests get the rest ahead of bulk copy) and of
+    /// the time (it rests the remainder). Call before use.
+    pub fn with_copier_share(mut self, limit_percent: u32, time_percent: u32) -> Self {
+        let limit_percent = limit_percent.clamp(1, 100);
+        self.guest_target = self.target.with_priority(100 - limit_percent);
+        self.copier_time_share_percent = time_percent.clamp(1, 100);
         self
     }
 

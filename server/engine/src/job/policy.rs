@@ -330,6 +330,7 @@ mod tests {
             guest_throttle_bytes_per_sec: 0,
             guest_throttle_below_bytes: 64 << 20,
             copier_share_percent: 80,
+            copier_time_share_percent: 50,
         }
     }
 

@@ -62,7 +62,7 @@ impl Pacer {
         let busy = mirror.copy_busy_us.load(Ordering::Relaxed);
         let new_us = busy.saturating_sub(self.seen_us);
         self.seen_us = busy;
-        let share = u64::from(mirror.copier_share_percent.clamp(1, 100));
+        let share = u64::from(mirror.copier_time_share_percent.clamp(1, 100));
         if !guests_active || share == 100 {
             self.rest_until = None;
             return None;
@@ -639,7 +639,7 @@ mod tests {
 
     fn mirror(share: u32) -> ActiveMirror {
         let target = Device::unthrottled(Arc::new(MemBackend::new(1 << 20)));
-        ActiveMirror::new(1 << 20, 64 << 10, target, 1 << 20, false).with_copier_share(share)
+        ActiveMirror::new(1 << 20, 64 << 10, target, 1 << 20, false).with_copier_share(80, share)
     }
 
     #[tokio::test(start_paused = true)]

@@ -168,8 +168,11 @@ pub struct ConvergencePolicy {
     /// The dirty-bytes threshold for the guest cap.
     pub guest_throttle_below_bytes: u64,
     /// While guests write, the copier's share (percent) of the target's
-    /// write limit and of its own time; guests go first on the rest.
+    /// write limit; guests go first on the rest.
     pub copier_share_percent: u32,
+    /// While guests write, the share (percent) of the time the copier may
+    /// spend doing copy I/O; it rests the remainder.
+    pub copier_time_share_percent: u32,
 }
 
 impl Default for ConvergencePolicy {
@@ -183,6 +186,7 @@ impl Default for ConvergencePolicy {
             guest_throttle_bytes_per_sec: 0,
             guest_throttle_below_bytes: 64 << 20,
             copier_share_percent: 80,
+            copier_time_share_percent: 50,
         }
     }
 }
@@ -235,11 +239,15 @@ impl MirrorSpec {
                 )));
             }
         }
-        if !(1..=100).contains(&p.copier_share_percent) {
-            return Err(EngineError::invalid(format!(
-                "copier_share_percent {} must be between 1 and 100",
-                p.copier_share_percent
-            )));
+        for (name, v) in [
+            ("copier_share_percent", p.copier_share_percent),
+            ("copier_time_share_percent", p.copier_time_share_percent),
+        ] {
+            if !(1..=100).contains(&v) {
+                return Err(EngineError::invalid(format!(
+                    "{name} {v} must be between 1 and 100"
+                )));
+            }
         }
         if let TargetSpec::Volume(t) = &self.target
             && t == &self.source_volume
