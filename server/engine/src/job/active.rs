@@ -28,6 +28,21 @@
 //! two sides in the same order. Range locks are taken *after* a budget
 //! permit, never before (see `limits.rs`), so permits and locks cannot wait
 //! on each other in a cycle.
+//!
+//! # Guests first
+//!
+//! Sharing the target (DESIGN.md) is decided in three places:
+//!
+//! - the target's write limit: a copy pays it (one copy at a time, before
+//!   its range lock) in the ordinary lane; a synchronous guest write pays in
+//!   the priority lane, ahead of every copy, held to `100 − copier_share`
+//!   percent of the limit while anything is dirty and to all of it once
+//!   nothing is (`throttle.rs`);
+//! - the size and number of copies: small and few while guests write
+//!   (`runner.rs`);
+//! - the copier's time: while guests write it rests between operations so
+//!   that copy I/O takes at most `copier_time_share` of the time
+//!   (`copy_busy_us`, read by the runner's pacer).
 
 use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;
