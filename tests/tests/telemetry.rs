@@ -83,6 +83,16 @@ fn total(m: &HashMap<String, Vec<(String, f64)>>, name: &str) -> f64 {
     m.get(name).map_or(0.0, |v| v.iter().map(|(_, x)| x).sum())
 }
 
+/// An nbdkit server, killed on drop.
+struct Nbdkit(std::process::Child);
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn find(spans: &[ReceivedSpan], f: impl Fn(&ReceivedSpan) -> bool) -> Option<&ReceivedSpan> {
     spans.iter().find(|s| f(s))
 }
@@ -379,6 +389,67 @@ async fn spans_and_metrics_reach_their_collectors() {
             .map(|(_, v)| *v),
         Some(1.0)
     );
+
+    // (c) Copy operations: a full copy of "fast" onto an NBD target whose
+    // every write nbdkit delays by 150 ms, so data copies take longer than
+    // the 100 ms threshold and are traced (at ratio 0), as children of
+    // their job.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("slow.sock");
+    let _nbdkit = Nbdkit(
+        Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&sock)
+            .args(["--filter=delay", "memory", "4M", "wdelay=150ms"])
+            .spawn()
+            .expect("nbdkit (apt-get install nbdkit)"),
+    );
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !sock.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nbdkit did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let target = format!("nbd+unix:///?socket={}", sock.display());
+    let mut s = spec("fast", &target, CopyMode::Background);
+    s.auto_dismiss = Some(false);
+    c.start_mirror("j2", s).await;
+    c.wait_for("j2", &[JobState::Ready], DEADLINE).await;
+    // The job's span ends (and is exported) when the job concludes.
+    c.jobs
+        .cancel_job(v1::CancelJobRequest {
+            job_id: "j2".into(),
+            force: true,
+        })
+        .await
+        .unwrap();
+    c.wait_for("j2", &[JobState::Concluded], DEADLINE).await;
+    let is_data_copy = |s: &ReceivedSpan| {
+        s.name == "copy fast" && s.attr("blockmirror.copy.result") == Some("data")
+    };
+    let spans = spans_until(&rx, "a traced copy", |spans| {
+        spans.iter().any(is_data_copy) && spans.iter().any(|s| s.name == "mirror fast")
+    })
+    .await;
+    let job = find(&spans, |s| s.name == "mirror fast").unwrap();
+    let copy = find(&spans, is_data_copy).unwrap();
+    assert_eq!(
+        (copy.trace_id.as_str(), copy.parent_span_id.as_str()),
+        (job.trace_id.as_str(), job.span_id.as_str()),
+        "a copy is a child of its job"
+    );
+    for (k, v) in [
+        ("blockmirror.job.id", "j2"),
+        ("blockmirror.volume", "fast"),
+        ("blockmirror.copy.result", "data"),
+        ("blockmirror.sample.reason", "slow"),
+    ] {
+        assert_eq!(copy.attr(k), Some(v), "{k} of {copy:#?}");
+    }
+    assert!(copy.end_ns - copy.start_ns >= 100_000_000, "{copy:#?}");
+    assert!(copy.attr("blockmirror.copy.bytes").is_some());
 
     // OTLP metrics arrive too.
     let deadline = tokio::time::Instant::now() + DEADLINE;
