@@ -33,7 +33,9 @@ pub struct Device {
 /// held long; bigger reads amortise the hand-off to the blocking pool.
 const INLINE_READ_MAX_BYTES: usize = 256 << 10;
 
-async fn blocking<T: Send + 'static>(
+/// Runs `f` on tokio's blocking pool; its error (or a panic) becomes an
+/// I/O error about `what`.
+pub(crate) async fn blocking<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> Result<T> {

@@ -381,13 +381,7 @@ impl Volume {
             }
             Ok(out)
         };
-        match tokio::task::spawn_blocking(run).await {
-            Ok(r) => r.map_err(|e| EngineError::io("querying allocation", e)),
-            Err(e) => Err(EngineError::io(
-                "querying allocation",
-                std::io::Error::other(e.to_string()),
-            )),
-        }
+        crate::device::blocking("querying allocation", run).await
     }
 
     /// Makes completed writes durable — on the target too while a job

@@ -490,9 +490,14 @@ impl ActiveMirror {
         Some((start, end))
     }
 
-    fn all_dirty(&self, start: u64, end: u64) -> bool {
+    /// Under one bitmap lock: whether every chunk of `[start, end)` is
+    /// dirty, and whether any chunk of the device is.
+    fn dirty_state(&self, start: u64, end: u64) -> (bool, bool) {
         let bm = self.bitmap();
-        bm.next_clean(start).is_none_or(|c| c >= end)
+        (
+            bm.next_clean(start).is_none_or(|c| c >= end),
+            bm.count() > 0,
+        )
     }
 
     /// True while the target is failing (see the field).
@@ -561,7 +566,8 @@ impl ActiveMirror {
                 drop(lock);
                 return result;
             }
-            if self.all_dirty(first, end) {
+            let (all_dirty, copying) = self.dirty_state(first, end);
+            if all_dirty {
                 return timing.source_leg(op.apply(source, offset, len)).await;
             }
             let bytes = op.buffer_bytes();
@@ -580,10 +586,10 @@ impl ActiveMirror {
             }
             let started = tokio::time::Instant::now();
             let (src, tgt) = tokio::join!(timed(op.apply(source, offset, len)), async {
-                let target = if self.dirty_chunks() == 0 {
-                    &self.guest_target_alone
-                } else {
+                let target = if copying {
                     &self.guest_target
+                } else {
+                    &self.guest_target_alone
                 };
                 let r = op.apply(target, offset, len).await;
                 let took = started.elapsed();
