@@ -584,18 +584,23 @@ impl ActiveMirror {
                     }
                 }
             }
-            let started = tokio::time::Instant::now();
-            let (src, tgt) = tokio::join!(timed(op.apply(source, offset, len)), async {
-                let target = if copying {
-                    &self.guest_target
-                } else {
-                    &self.guest_target_alone
-                };
-                let r = op.apply(target, offset, len).await;
-                let took = started.elapsed();
-                self.note_target_latency(took);
-                (r, took)
-            });
+            let target = if copying {
+                &self.guest_target
+            } else {
+                &self.guest_target_alone
+            };
+            let (src, tgt) = match &op {
+                WriteOp::Data { data, fua } => {
+                    Device::write_both(source, target, offset, data.clone(), *fua).await
+                }
+                WriteOp::Zeroes { .. } => {
+                    let started = tokio::time::Instant::now();
+                    tokio::join!(timed(op.apply(source, offset, len)), async {
+                        (op.apply(target, offset, len).await, started.elapsed())
+                    })
+                }
+            };
+            self.note_target_latency(tgt.1);
             let (src, tgt) = timing.both_legs(CopyMode::WriteBlocking, src, tgt);
             self.counters
                 .would_dirty_bytes
