@@ -34,7 +34,7 @@ Convergence: a background copy finishes only if the copier outruns the guests.
   the job would not converge: no READY within --auto-ready-timeout [60s], or
   guests re-dirtying at least 3/4 of what the copier can clean (or touching
   distinct chunks that fast, or the dirty set not shrinking) for
-  --auto-diverging-window [0.3s]. After READY it returns to background
+  --auto-diverging-window [0.1s]. After READY it returns to background
   once guests write at under half the copy rate, so they stop paying target
   latency. No automatic switch comes sooner than --auto-min-dwell [10s] after
   the previous one, and the dwell doubles (up to 10 min) each time a return to
@@ -353,7 +353,7 @@ pub(crate) struct StartArgs {
     pub(crate) auto_ready_timeout: Option<u64>,
     /// Auto mode: switch to write-blocking when the copy has not been
     /// converging for SECS (guests re-dirty or touch chunks at 3/4 of what
-    /// the copier can clean, or the dirty set does not shrink); default 0.3.
+    /// the copier can clean, or the dirty set does not shrink); default 0.1.
     #[arg(
         long,
         value_name = "SECS",

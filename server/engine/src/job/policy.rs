@@ -26,7 +26,7 @@
 //! Capacity, not the current rate, is the yardstick so that a copier that
 //! keeps up with a light load (and so copies exactly what guests dirty) does
 //! not read as losing. (A complete request switches too; the
-//! job does that itself.) The window is short (300 ms by default) because
+//! job does that itself.) The window is short (100 ms by default: two ticks in a row) because
 //! every second spent in background under such a load is a second of copying
 //! redone later; hysteresis guards the way back, not the way in. After READY, write-blocking
 //! costs the guest target latency on every write, so `auto` returns to

@@ -179,7 +179,7 @@ impl Default for ConvergencePolicy {
     fn default() -> Self {
         Self {
             auto_ready_timeout_ms: 60_000,
-            auto_diverging_window_ms: 300,
+            auto_diverging_window_ms: 100,
             auto_min_dwell_ms: 10_000,
             target_latency_limit_ms: 0,
             target_latency_window_ms: 2_000,
