@@ -283,6 +283,8 @@ class BmEngine:
                     return None
                 j = self.job()
                 self.at_ready = {"copied_bytes": j.get("copied_bytes"),
+                                 "synced_guest_bytes": j.get(
+                                     "synced_guest_bytes"),
                                  "current_progress": o.get(
                                      "current_progress"),
                                  "t_poll": time.time()}
@@ -292,6 +294,8 @@ class BmEngine:
                 j = self.job()
                 if j.get("state") in ("ready", "standby"):
                     self.at_ready = {"copied_bytes": j.get("copied_bytes"),
+                                     "synced_guest_bytes": j.get(
+                                         "synced_guest_bytes"),
                                      "t_poll": time.time()}
                     return time.time()
             if time.monotonic() >= deadline:
@@ -334,6 +338,7 @@ class BmEngine:
             res["error"] = res["error"] or o.get("error")
         j = self.job()
         res["bytes_copied"] = j.get("copied_bytes")
+        res["synced_guest_bytes"] = j.get("synced_guest_bytes")
         res["peak_in_flight"] = j.get("peak_in_flight_bytes")
         self.ctl("job", "dismiss", self.JOB, check=False)
         return res
@@ -696,9 +701,17 @@ class Bench:
             m["copied_final"] = c.get("bytes_copied")
             if m["copied_final"] is not None:
                 m["amp_final"] = m["copied_final"] / size
+                # everything the target was sent (QEMU's offset counts
+                # the same); QEMU has no separate figure
+                if c.get("synced_guest_bytes") is not None:
+                    m["sent_final"] = (m["copied_final"] +
+                                       c["synced_guest_bytes"]) / size
         if at_ready and at_ready.get("copied_bytes") is not None:
             m["copied_ready"] = at_ready["copied_bytes"]
             m["amp_ready"] = m["copied_ready"] / size
+            if at_ready.get("synced_guest_bytes") is not None:
+                m["sent_ready"] = (m["copied_ready"] +
+                                   at_ready["synced_guest_bytes"]) / size
         switches = [e for e in r.get("events", [])
                     if str(e.get("event")).upper() == "COPY_MODE_CHANGED"]
         r["mode_switches"] = [{"t": e["t"], **{k: e["data"].get(k) for k in
@@ -1100,18 +1113,22 @@ def md_amp(results):
             if not rs:
                 cells.append("")
                 continue
-            cells.append(f"{fmt(agg(rs, 'amp_ready'), 2)} / "
-                         f"{fmt(agg(rs, 'amp_final'), 2)}")
+            cell = (f"{fmt(agg(rs, 'amp_ready'), 2)} / "
+                    f"{fmt(agg(rs, 'amp_final'), 2)}")
+            if agg(rs, "sent_ready") is not None:
+                cell += (f" (sent {fmt(agg(rs, 'sent_ready'), 2)} / "
+                         f"{fmt(agg(rs, 'sent_final'), 2)})")
+            cells.append(cell)
         if any(cells):
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", "QEMU: the job's `offset` (BLOCK_JOB_READY / "
               "BLOCK_JOB_COMPLETED), which also counts the guest writes "
               "that write-blocking mode sent to the target. blockmirror: "
               "`copied_bytes` of `job show` right after READY and after "
-              "COMPLETED, which counts only the copier's bytes (its "
-              "write-blocking runs show exactly 1.00 even after seconds of "
-              "synchronous guest writes), so after READY the write-blocking "
-              "columns are not like for like."]
+              "COMPLETED: the copier's bytes alone, i.e. copying done (and "
+              "redone); *sent* adds `synced_guest_bytes`, the guest writes "
+              "write-blocking mode sent to the target, which is what QEMU's "
+              "offset counts (like for like with the QEMU rows)."]
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ pub fn job_json(job: &Job) -> Value {
         "in_flight_bytes": job.in_flight_bytes,
         "peak_in_flight_bytes": job.peak_in_flight_bytes,
         "copied_bytes": job.copied_bytes,
+        "synced_guest_bytes": job.synced_guest_bytes,
         "pivoted": job.pivoted,
         "created_at": timestamp(job.created_at.as_ref()),
         "updated_at": timestamp(job.updated_at.as_ref()),
@@ -276,6 +277,7 @@ mod tests {
             "in_flight_bytes",
             "peak_in_flight_bytes",
             "copied_bytes",
+            "synced_guest_bytes",
             "pivoted",
         ] {
             assert!(v.get(key).is_some(), "{key}");

@@ -51,6 +51,10 @@ async fn write_blocking_converges_where_background_does_not() {
         "background should not converge: {bg:?}"
     );
     assert!(bg.dirty_bytes > 0, "{bg:?}");
+    // Guest writes that reached the target synchronously are counted apart
+    // from the copier's bytes; background mode sends none.
+    assert!(ready.synced_guest_bytes > 0, "{ready:?}");
+    assert_eq!(bg.synced_guest_bytes, 0, "{bg:?}");
     assert!(
         bg.dirty_rate_bytes_per_sec > 0 || to_ready < Duration::from_secs(2),
         "{bg:?}"

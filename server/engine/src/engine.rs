@@ -508,6 +508,7 @@ impl Engine {
             in_flight_bytes: 0,
             peak_in_flight_bytes: 0,
             copied_bytes: 0,
+            synced_guest_bytes: 0,
             pivoted: rec.pivoted,
             write_latency: WriteLatencySummary::default(),
         }

@@ -262,6 +262,7 @@ pub fn job(j: JobInfo) -> v1::Job {
         in_flight_bytes: j.in_flight_bytes,
         peak_in_flight_bytes: j.peak_in_flight_bytes,
         copied_bytes: j.copied_bytes,
+        synced_guest_bytes: j.synced_guest_bytes,
         pivoted: j.pivoted,
         convergence: convergence(j.progress.convergence) as i32,
         eta_to_ready_ms: j.progress.eta_to_ready_ms,

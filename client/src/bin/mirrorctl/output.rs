@@ -276,6 +276,7 @@ pub(crate) fn job_details(job: &Job) -> String {
         ("in_flight_bytes", bytes(job.in_flight_bytes)),
         ("peak_in_flight_bytes", bytes(job.peak_in_flight_bytes)),
         ("copied_bytes", bytes(job.copied_bytes)),
+        ("synced_guest_bytes", bytes(job.synced_guest_bytes)),
         ("pivoted", job.pivoted.to_string()),
         ("error", or_dash(&job.error)),
         ("created_at", timestamp(job.created_at.as_ref())),

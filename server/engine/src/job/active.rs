@@ -134,6 +134,8 @@ pub struct MirrorCounters {
     pub progress_bytes: AtomicU64,
     /// Bytes written to the target by the copier.
     pub copied_bytes: AtomicU64,
+    /// Bytes of guest writes the write-blocking path wrote to the target.
+    pub synced_guest_bytes: AtomicU64,
     /// Bytes newly marked dirty (for the dirty rate).
     pub dirtied_bytes: AtomicU64,
     /// Bytes that synchronous guest writes would have dirtied in
@@ -607,6 +609,9 @@ impl ActiveMirror {
                 .fetch_add((end - first) << self.chunk_shift, Ordering::Relaxed);
             match (src, tgt) {
                 (Ok(()), Ok(())) => {
+                    self.counters
+                        .synced_guest_bytes
+                        .fetch_add(len, Ordering::Relaxed);
                     let (c0, c1) = self.covered(offset, len);
                     if c1 > c0 {
                         let cleared = self.bitmap().clear_range(c0, c1).unwrap_or(0);

@@ -79,6 +79,9 @@ pub struct JobInfo {
     pub peak_in_flight_bytes: u64,
     /// Bytes the copier wrote to the target.
     pub copied_bytes: u64,
+    /// Bytes of guest writes written to the target synchronously
+    /// (write-blocking); with `copied_bytes`, all the target was sent.
+    pub synced_guest_bytes: u64,
     /// The source volume was switched to the target.
     pub pivoted: bool,
     /// Percentiles of guest write latency while the job ran.
@@ -279,6 +282,11 @@ impl Job {
             in_flight_bytes: self.mirror.budget.current(),
             peak_in_flight_bytes: self.mirror.budget.peak(),
             copied_bytes: self.mirror.counters.copied_bytes.load(Ordering::Relaxed),
+            synced_guest_bytes: self
+                .mirror
+                .counters
+                .synced_guest_bytes
+                .load(Ordering::Relaxed),
             pivoted: s.pivoted,
             write_latency: self.mirror.observed.latencies.summary(),
         }
