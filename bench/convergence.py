@@ -935,11 +935,18 @@ def targets(results, mem_results, a):
             if wl == "seed":
                 w = agg(rs, "mirror.worst1s")
                 mx = agg(rs, "mirror.max_ms")
+                # The QD1 seed writer's no-mirror rate swings 2-4x on this
+                # kind of machine (an idle vCPU wakes slowly); judge against
+                # the higher of the no-mirror run and the same run's seconds
+                # before the job, so a slow baseline cannot make a pass.
+                pre = agg(rs, "pre.iops")
+                ref = max(x for x in (base, pre, 0) if x is not None)
                 add("seed: no 1 s window < 50 % of no-mirror IOPS", scen, c,
                     f"worst 1 s {fmt(w, 0)} IOPS = "
-                    f"{fmt(100 * w / base if w is not None and base else None, 0)}"
-                    f" % of {fmt(base, 0)}",
-                    w is not None and base and w >= T_SEED_WINDOW * base)
+                    f"{fmt(100 * w / ref if w is not None and ref else None, 0)}"
+                    f" % of {fmt(ref, 0)} (the higher of no mirror, "
+                    f"{fmt(base, 0)}, and before the job, {fmt(pre, 0)})",
+                    w is not None and ref and w >= T_SEED_WINDOW * ref)
                 add(f"seed: no write over {T_SEED_MAX_MS:.0f} ms", scen, c,
                     f"max {fmt(mx, 1)} ms", mx is not None and
                     mx <= T_SEED_MAX_MS)
@@ -949,9 +956,12 @@ def targets(results, mem_results, a):
                 "mirror", scen, c, f"{fmt(v, 0)} %", v is not None and
                 v >= 100 * T_FIRST_PASS)
             v = agg(rs, "after.iops_pct")
+            # A background job under these loads never reaches READY (the
+            # reason auto and write-blocking exist): there is no "after".
             add("fast target: guest IOPS after READY ≥ 80 % of no mirror",
                 scen, c, f"{fmt(v, 0)} %" + ("" if conv else
                                              " (never READY under load)"),
+                None if not conv else
                 v is not None and v >= 100 * T_AFTER_READY)
         if c == "bm-auto":
             v = agg(rs, "amp_ready")
@@ -963,9 +973,12 @@ def targets(results, mem_results, a):
             v = agg(rs, "pivot.gap_ms")
             add(f"pivot pause ≤ {T_PIVOT_MS:.0f} ms (longest gap between "
                 "guest completions across complete)", scen, c,
-                f"{fmt(v, 0)} ms (pause_us {fmt(agg(rs, 'pause_us'), 0)})"
+                f"{fmt(v, 0)} ms (steady state without a pivot: "
+                f"{fmt(agg(rs, 'steady.gap_ms'), 0)} ms; server pause_us "
+                f"{fmt(agg(rs, 'pause_us'), 0)})"
                 if v is not None else "not measured (no complete under "
-                "load)", v is not None and v <= T_PIVOT_MS)
+                "load)", None if not conv else
+                v is not None and v <= T_PIVOT_MS)
     mg = {}
     for r in mem_results:
         mg.setdefault((r["bs"], r["iodepth"], r["contender"]), []).append(r)
@@ -1235,7 +1248,12 @@ def md_targets(tg):
         lines.append(f"| {t['target']} | {t['scenario']} | {t['contender']}"
                      f" | {t['value']} | **{t['verdict'] or '-'}** |")
     npass = sum(1 for t in tg if t["verdict"] == "PASS")
-    lines += ["", f"{npass} of {len(tg)} PASS."]
+    judged = sum(1 for t in tg if t["verdict"])
+    lines += ["", f"{npass} of {judged} PASS."]
+    if judged < len(tg):
+        lines[-1] += (f" {len(tg) - judged} not judged (-): the after-READY "
+                      "and pivot targets of a background job that never "
+                      "reached READY under load.")
     return "\n".join(lines)
 
 
@@ -1457,7 +1475,13 @@ def main():
     ap.add_argument("--name", default=None,
                     help="file stem (default convergence-DATE[-quick])")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="run nothing: rewrite the tables (and plots) of an "
+                         "earlier run from its JSON with this script's "
+                         "current verdicts")
     a = ap.parse_args()
+    if a.render:
+        return render(a.render, a.no_plots)
 
     quick = a.quick
 
@@ -1601,6 +1625,27 @@ def main():
         f.write(md + "\n")
     print(md)
     log(f"wrote {jpath}, {name}.md, {len(pngs)} plots in {a.out_dir}")
+    return 0
+
+
+def render(jpath, no_plots):
+    """Rewrites NAME.md (and plots) next to an earlier run's NAME.json."""
+    with open(jpath) as f:
+        res = json.load(f)
+    a = argparse.Namespace(**res["config"])
+    res["targets"] = targets(res["runs"], res["mem_runs"], a)
+    res["markdown"] = markdown(res, a)
+    stem = os.path.splitext(jpath)[0]
+    with open(jpath, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    pngs = [] if no_plots else plots(res, stem)
+    md = res["markdown"]
+    if pngs:
+        md += "\n\nPlots: " + ", ".join(
+            f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs)
+    with open(stem + ".md", "w") as f:
+        f.write(md + "\n")
+    print(md)
     return 0
 
 
