@@ -120,6 +120,9 @@ pub async fn run(
     let telemetry = telemetry::Telemetry::start(config, &engine)
         .await
         .map_err(RunError::Telemetry)?;
+    // Before serving, so no client sees a resumable job missing; after
+    // telemetry, so its copies are observed like any other.
+    engine.resume_jobs().await;
     let routes = grpc::routes(Arc::clone(&engine), config.heartbeat())
         .await
         .map_err(RunError::Routes)?;

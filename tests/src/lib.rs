@@ -186,6 +186,13 @@ impl TestServer {
         child.wait().expect("wait for blockmirrord")
     }
 
+    /// Kills the server with SIGKILL (a crash) and waits for it.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let _ = child.kill();
+        child.wait().expect("wait for blockmirrord")
+    }
+
     /// Stops the server and returns its state directory for a restart.
     pub fn stop(mut self) -> tempfile::TempDir {
         let status = self.terminate();

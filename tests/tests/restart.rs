@@ -88,7 +88,7 @@ async fn sigterm_keeps_every_acknowledged_write_and_saves_jobs() {
     c.limit("dst", 512 << 10).await;
     let mut s = spec("src", "volume:dst", CopyMode::WriteBlocking);
     s.auto_dismiss = Some(false);
-    c.start_mirror("m", s).await;
+    let started = c.start_mirror("m", s).await;
     c.wait_for(
         "m",
         &[JobState::Running, JobState::Ready],
@@ -142,20 +142,52 @@ async fn sigterm_keeps_every_acknowledged_write_and_saves_jobs() {
     let log = server.log();
     assert!(log.contains("stopped"), "no clean stop in the log:\n{log}");
 
-    // The job record was saved; after a restart it says it was interrupted.
+    // The job record was saved; after a restart the job resumes, copies the
+    // whole source again and converges.
+    let created_at = started
+        .created_at
+        .as_ref()
+        .map(|t| (t.seconds, t.nanos / 1_000_000));
     let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
+    drop(c);
     let server = TestServer::start_in(dir, &[]);
     let mut c = server.clients().await;
     let j = c.job("m").await;
-    assert_eq!(j.state, JobState::Concluded as i32, "{j:?}");
-    assert!(j.error.contains("interrupted"), "{j:?}");
-    let v = c
-        .volumes
-        .get_volume(v1::GetVolumeRequest { name: "src".into() })
+    assert!(
+        [JobState::Created, JobState::Running].contains(&j.state()),
+        "{j:?}"
+    );
+    assert!(j.error.is_empty(), "{j:?}");
+    // Records keep creation times to the millisecond.
+    let ms = |j: &v1::Job| {
+        j.created_at
+            .as_ref()
+            .map(|t| (t.seconds, t.nanos / 1_000_000))
+    };
+    assert_eq!(ms(&j), created_at, "same job");
+    assert!(
+        server.log().contains("job resumed after a restart"),
+        "{}",
+        server.log()
+    );
+    c.limit("dst", 0).await;
+    c.wait_for("m", &[JobState::Ready], Duration::from_secs(60))
+        .await;
+    let source = std::fs::read(server.dir.path().join("state/volumes/src.raw")).unwrap();
+    assert_same(
+        "target after the resumed job's READY",
+        &std::fs::read(server.dir.path().join("state/volumes/dst.raw")).unwrap(),
+        &source,
+    );
+    c.jobs
+        .cancel_job(v1::CancelJobRequest {
+            job_id: "m".into(),
+            force: false,
+        })
         .await
-        .unwrap()
-        .into_inner();
-    assert!(v.job_id.is_empty() && v.path.ends_with("src.raw"), "{v:?}");
+        .unwrap();
+    c.wait_for("m", &[JobState::Concluded], Duration::from_secs(30))
+        .await;
     c.jobs
         .dismiss_job(v1::JobRequest { job_id: "m".into() })
         .await
@@ -168,4 +200,131 @@ async fn sigterm_keeps_every_acknowledged_write_and_saves_jobs() {
             .code(),
         tonic::Code::NotFound
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_resumes_after_a_crash_and_the_pivot_is_exact() {
+    let mut server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("src", SIZE).await;
+    c.create_volume("dst", SIZE).await;
+    c.fill_random("src", SIZE, 21).await;
+    c.limit("dst", 1 << 20).await;
+    let mut s = spec("src", "volume:dst", CopyMode::WriteBlocking);
+    s.auto_dismiss = Some(false);
+    let before = c.start_mirror("m", s).await;
+    c.wait_for("m", &[JobState::Running], Duration::from_secs(10))
+        .await;
+    // Unaligned 1 KiB writes while the copy runs, until the crash.
+    let writer = {
+        let mut c = c.clone();
+        tokio::spawn(async move {
+            for i in 0u64.. {
+                let r = c
+                    .data
+                    .write(v1::WriteRequest {
+                        volume: "src".into(),
+                        offset_bytes: (i * 7919 * 1024 + 1) % (SIZE - 1024),
+                        data: Bytes::from(vec![(i % 253) as u8; 1024]),
+                        fua: false,
+                    })
+                    .await;
+                if r.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mid = c.job("m").await;
+    assert!(
+        mid.dirty_bytes > 0,
+        "the copy should still be running: {mid:?}"
+    );
+    server.kill();
+    writer.await.unwrap();
+    drop(c);
+
+    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
+    let server = TestServer::start_in(dir, &[]);
+    let mut c = server.clients().await;
+    let j = c.job("m").await;
+    assert!(
+        [JobState::Created, JobState::Running].contains(&j.state()),
+        "the job resumes after a crash: {j:?}"
+    );
+    let ms = |j: &v1::Job| {
+        j.created_at
+            .as_ref()
+            .map(|t| (t.seconds, t.nanos / 1_000_000))
+    };
+    assert_eq!(ms(&j), ms(&before), "same job, same creation time");
+    let v = c
+        .volumes
+        .get_volume(v1::GetVolumeRequest { name: "src".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.job_id, "m", "{v:?}");
+    // Guests keep writing (1 KiB at odd offsets, discards, zeroes) while
+    // the resumed job copies everything again; then complete and compare.
+    c.limit("dst", 0).await;
+    let initial = c.read("src", 0, SIZE).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guest = blockmirror_tests::Guest::new("src", 0, initial, 77).spawn(&c, &stop);
+    c.wait_for("m", &[JobState::Ready], Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let guest = guest.await.unwrap();
+    assert!(guest.ops > 0, "the guest never wrote");
+    c.jobs
+        .complete_job(v1::JobRequest { job_id: "m".into() })
+        .await
+        .unwrap();
+    let done = c
+        .wait_for("m", &[JobState::Concluded], Duration::from_secs(30))
+        .await;
+    assert!(done.pivoted && done.error.is_empty(), "{done:?}");
+    assert_same(
+        "pivoted volume after a crash and a resumed job",
+        &c.read("src", 0, SIZE).await,
+        &guest.model,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_cannot_resume_is_concluded_with_the_reason() {
+    let mut server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("src", SIZE).await;
+    c.create_volume("dst", SIZE).await;
+    c.limit("dst", 256 << 10).await;
+    let mut s = spec("src", "volume:dst", CopyMode::Background);
+    s.auto_dismiss = Some(false);
+    c.start_mirror("m", s).await;
+    c.wait_for("m", &[JobState::Running], Duration::from_secs(10))
+        .await;
+    drop(c);
+    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
+    assert!(server.terminate().success(), "{}", server.log());
+    // The target's file disappears while blockmirrord is down.
+    std::fs::remove_file(dir.path().join("state/volumes/dst.raw")).unwrap();
+
+    let server = TestServer::start_in(dir, &[]);
+    let mut c = server.clients().await;
+    let j = c.job("m").await;
+    assert_eq!(j.state(), JobState::Concluded, "{j:?}");
+    assert!(
+        j.error.contains("could not resume") && j.error.contains("dst"),
+        "the reason names what is missing: {j:?}"
+    );
+    // The source is free again.
+    let v = c
+        .volumes
+        .get_volume(v1::GetVolumeRequest { name: "src".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.job_id.is_empty(), "{v:?}");
 }

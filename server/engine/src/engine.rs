@@ -57,6 +57,9 @@ pub struct Engine {
     jobs: Registry<Arc<Job>>,
     /// Jobs known only from their records (from before a restart).
     restored: Registry<JobRecord>,
+    /// Jobs that were still running when blockmirrord stopped, waiting for
+    /// [`Engine::resume_jobs`].
+    to_resume: Mutex<Vec<JobRecord>>,
     /// NBD exports by export name.
     exports: Registry<ExportRecord>,
     events: Arc<EventLog>,
@@ -150,13 +153,17 @@ impl Engine {
             }
         }
         let mut restored = BTreeMap::new();
+        let mut to_resume = Vec::new();
         for mut rec in store.load_jobs()? {
             if !rec.status.is_terminal() {
+                if !rec.pivoted && rec.status != JobStatus::Aborting {
+                    to_resume.push(rec);
+                    continue;
+                }
+                // Stopped while being cancelled (or failing: the error is
+                // in the record), or between its pivot (saved first) and
+                // its last record: either way, that is how it ended.
                 rec.status = JobStatus::Concluded;
-                rec.error = Some(
-                    "interrupted: blockmirrord stopped before the job finished; start it again"
-                        .into(),
-                );
                 store.save_job(&rec)?;
             }
             restored.insert(rec.id.clone(), rec);
@@ -179,6 +186,7 @@ impl Engine {
             volumes: Arc::new(Mutex::new(volumes)),
             jobs: Arc::default(),
             restored: Arc::new(Mutex::new(restored)),
+            to_resume: Mutex::new(to_resume),
             exports: Arc::new(Mutex::new(exports)),
             events: Arc::new(EventLog::new(config.event_history)),
             tracker: TaskTracker::new(),
@@ -534,6 +542,54 @@ impl Engine {
                 format!("job {id:?} already exists with another spec"),
             ));
         }
+        self.launch(id, spec, None).await
+    }
+
+    /// Restarts the jobs that had not finished when blockmirrord stopped
+    /// (or crashed), under their ids and specs, in the state they had
+    /// reached short of READY (paused and standby jobs start paused). The
+    /// writes tracked before the stop are gone, so each copies its whole
+    /// source again and then becomes READY anew; a completion that had not
+    /// pivoted yet must be asked for again. A job that cannot restart (a
+    /// volume is gone, the target does not answer) is kept as concluded,
+    /// with the reason.
+    pub async fn resume_jobs(&self) {
+        let pending = std::mem::take(&mut *lock(&self.to_resume));
+        for mut rec in pending {
+            let created = UNIX_EPOCH + Duration::from_millis(rec.created_at_ms);
+            match self.launch(&rec.id, rec.spec.clone(), Some(created)).await {
+                Ok(_) => {
+                    tracing::info!(job_id = %rec.id, was = %rec.status, "job resumed after a restart; copying the whole source again");
+                    if matches!(rec.status, JobStatus::Paused | JobStatus::Standby)
+                        && let Err(e) = self.pause_job(&rec.id)
+                    {
+                        tracing::warn!(job_id = %rec.id, error = %e.chain(), "resumed job not paused again");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(job_id = %rec.id, error = %e.chain(), "job not resumed after a restart");
+                    rec.status = JobStatus::Concluded;
+                    rec.error = Some(format!(
+                        "interrupted: blockmirrord restarted and could not resume the job: {}",
+                        e.chain()
+                    ));
+                    if let Err(e) = self.store.save_job(&rec) {
+                        tracing::error!(job_id = %rec.id, error = %e.chain(), "saving the job record");
+                    }
+                    lock(&self.restored).insert(rec.id.clone(), rec);
+                }
+            }
+        }
+    }
+
+    /// Builds and starts a job (`resumed_from`: the creation time of the
+    /// record it resumes).
+    async fn launch(
+        &self,
+        id: &str,
+        spec: MirrorSpec,
+        resumed_from: Option<SystemTime>,
+    ) -> Result<JobInfo> {
         let source = self.volume(&spec.source_volume)?;
         let size = source.size();
         let (target_volume, target_backend, device) = match &spec.target {
@@ -633,6 +689,7 @@ impl Engine {
             store: Arc::clone(&self.store),
             shutdown: self.shutdown.child_token(),
             persist_volumes: persist,
+            resumed_from,
         });
         {
             let mut jobs = lock(&self.jobs);

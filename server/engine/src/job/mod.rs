@@ -134,6 +134,9 @@ pub struct Job {
     shutdown: CancellationToken,
     /// Saves the volume definitions (called at pivot, guest I/O drained).
     persist_volumes: PersistFn,
+    /// Restarted from its record after blockmirrord restarted: what the
+    /// target holds is unknown, so the whole source is copied again.
+    resumed: bool,
 }
 
 /// Saves the engine's volume definitions after a pivot, first forgetting
@@ -158,6 +161,8 @@ pub(crate) struct JobParts {
     pub store: Arc<Store>,
     pub shutdown: CancellationToken,
     pub persist_volumes: PersistFn,
+    /// `Some(created_at)` for a job resumed from its record.
+    pub resumed_from: Option<SystemTime>,
 }
 
 impl Job {
@@ -182,7 +187,8 @@ impl Job {
             }),
             id: p.id,
             spec: p.spec,
-            created_at: now,
+            created_at: p.resumed_from.unwrap_or(now),
+            resumed: p.resumed_from.is_some(),
             changed: Notify::new(),
             status_tx: watch::channel(JobStatus::Created).0,
             mirror: p.mirror,

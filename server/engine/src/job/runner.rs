@@ -278,7 +278,11 @@ impl Job {
     /// so no guest write falls between the initial dirty set and the hook.
     async fn start(&self) {
         let gate = self.source.drain().await;
-        if self.spec.sync == SyncMode::Full {
+        if self.resumed {
+            // The writes tracked before the restart are gone: every chunk
+            // may differ (whatever the sync mode), so all are dirty.
+            self.mirror.mark_all_dirty();
+        } else if self.spec.sync == SyncMode::Full {
             if self.target_backend.is_known_zero() {
                 self.mark_source_data().await;
             } else {
