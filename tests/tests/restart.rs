@@ -328,3 +328,38 @@ async fn a_job_that_cannot_resume_is_concluded_with_the_reason() {
         .into_inner();
     assert!(v.job_id.is_empty(), "{v:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_sync_none_job_copies_everything() {
+    // sync=none copies only what guests write after the start; the writes it
+    // tracked die with the process, so the resumed job must copy it all.
+    let mut server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("src", SIZE).await;
+    c.create_volume("dst", SIZE).await;
+    let content = c.fill_random("src", SIZE, 5).await;
+    let mut s = spec("src", "volume:dst", CopyMode::Background);
+    s.sync = v1::SyncMode::None as i32;
+    s.auto_dismiss = Some(false);
+    c.start_mirror("m", s).await;
+    c.wait_for("m", &[JobState::Ready], Duration::from_secs(10))
+        .await;
+    let dst = server.dir.path().join("state/volumes/dst.raw");
+    assert!(
+        std::fs::read(&dst).unwrap().iter().all(|&b| b == 0),
+        "sync=none copied nothing before the restart"
+    );
+    drop(c);
+    server.kill();
+
+    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
+    let server = TestServer::start_in(dir, &[]);
+    let mut c = server.clients().await;
+    c.wait_for("m", &[JobState::Ready], Duration::from_secs(30))
+        .await;
+    assert_same(
+        "target of the resumed sync=none job",
+        &std::fs::read(server.dir.path().join("state/volumes/dst.raw")).unwrap(),
+        &content,
+    );
+}
