@@ -363,3 +363,83 @@ async fn a_resumed_sync_none_job_copies_everything() {
         &content,
     );
 }
+
+/// Rewrites a saved job record as a crash at the wrong moment would have
+/// left it.
+fn edit_record(dir: &std::path::Path, id: &str, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join(format!("state/jobs/{id}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    f(&mut rec);
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_pivot_and_record_or_during_a_cancel_is_not_resumed() {
+    let server = TestServer::start();
+    let mut c = server.clients().await;
+    for v in ["a", "a-dst", "b", "b-dst"] {
+        c.create_volume(v, SIZE).await;
+    }
+    let content = c.fill_random("a", SIZE, 3).await;
+    for (id, src, dst) in [
+        ("pivot", "a", "volume:a-dst"),
+        ("cancel", "b", "volume:b-dst"),
+    ] {
+        let mut s = spec(src, dst, CopyMode::WriteBlocking);
+        s.auto_dismiss = Some(false);
+        c.start_mirror(id, s).await;
+        c.wait_for(id, &[JobState::Ready], Duration::from_secs(30))
+            .await;
+    }
+    c.jobs
+        .complete_job(v1::JobRequest {
+            job_id: "pivot".into(),
+        })
+        .await
+        .unwrap();
+    c.jobs
+        .cancel_job(v1::CancelJobRequest {
+            job_id: "cancel".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    for id in ["pivot", "cancel"] {
+        c.wait_for(id, &[JobState::Concluded], Duration::from_secs(30))
+            .await;
+    }
+    drop(c);
+    let dir = server.stop();
+    // The pivot's volume definitions were saved, its record was not; the
+    // cancel was asked for in READY and the job was still waiting.
+    edit_record(dir.path(), "pivot", |r| {
+        r["status"] = "pending".into();
+        r["pivoted"] = false.into();
+    });
+    edit_record(dir.path(), "cancel", |r| r["status"] = "waiting".into());
+
+    let server = TestServer::start_in(dir, &[]);
+    let mut c = server.clients().await;
+    let p = c.job("pivot").await;
+    assert_eq!(p.state(), JobState::Concluded, "{p:?}");
+    assert!(p.pivoted && p.error.is_empty(), "{p:?}");
+    let x = c.job("cancel").await;
+    assert_eq!(x.state(), JobState::Concluded, "{x:?}");
+    assert!(!x.pivoted, "{x:?}");
+    for v in ["a", "b", "b-dst"] {
+        let v = c
+            .volumes
+            .get_volume(v1::GetVolumeRequest { name: v.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.job_id.is_empty(), "no job resumed on {v:?}");
+    }
+    assert_same("pivoted volume", &c.read("a", 0, SIZE).await, &content);
+    assert!(
+        !server.log().contains("job resumed after a restart"),
+        "{}",
+        server.log()
+    );
+}

@@ -175,6 +175,9 @@ impl Device {
             );
         }
         let started = Instant::now();
+        // Both limits, as the concurrent path pays them (a source volume's
+        // own limits are normally paid by its write path already).
+        source.throttle(data.len() as u64).await;
         target.throttle(data.len() as u64).await;
         let limited = started.elapsed();
         let (src, tgt) = (Arc::clone(&source.backend), Arc::clone(&target.backend));

@@ -156,13 +156,23 @@ impl Engine {
         let mut to_resume = Vec::new();
         for mut rec in store.load_jobs()? {
             if !rec.status.is_terminal() {
-                if !rec.pivoted && rec.status != JobStatus::Aborting {
+                // The pivot saves the volume definitions before the job's
+                // record: a source volume on another file than at the start
+                // means the pivot is durable even if the record missed it.
+                let moved = rec.source_path.as_ref().is_some_and(|start| {
+                    volumes
+                        .get(&rec.spec.source_volume)
+                        .is_some_and(|v| v.path() != *start)
+                });
+                rec.pivoted |= moved;
+                let ended =
+                    rec.pivoted || rec.cancel_requested || rec.status == JobStatus::Aborting;
+                if !ended {
                     to_resume.push(rec);
                     continue;
                 }
-                // Stopped while being cancelled (or failing: the error is
-                // in the record), or between its pivot (saved first) and
-                // its last record: either way, that is how it ended.
+                // Stopped after its pivot, or while being cancelled (or
+                // failing: the error is in the record): that is how it ended.
                 rec.status = JobStatus::Concluded;
                 store.save_job(&rec)?;
             }
@@ -546,18 +556,24 @@ impl Engine {
     }
 
     /// Restarts the jobs that had not finished when blockmirrord stopped
-    /// (or crashed), under their ids and specs, in the state they had
-    /// reached short of READY (paused and standby jobs start paused). The
-    /// writes tracked before the stop are gone, so each copies its whole
-    /// source again and then becomes READY anew; a completion that had not
-    /// pivoted yet must be asked for again. A job that cannot restart (a
-    /// volume is gone, the target does not answer) is kept as concluded,
-    /// with the reason.
+    /// (or crashed), under their ids and specs (paused and standby jobs
+    /// start paused). The writes tracked before the stop are gone, so each
+    /// copies its whole source again and then becomes READY anew; a
+    /// completion that had not pivoted yet must be asked for again. Jobs
+    /// that were being cancelled, or whose pivot was made, are concluded in
+    /// `Engine::open` instead. A job that cannot restart (a volume is gone,
+    /// the target does not answer) is kept as concluded, with the reason.
     pub async fn resume_jobs(&self) {
         let pending = std::mem::take(&mut *lock(&self.to_resume));
-        for mut rec in pending {
+        // Concurrently: an NBD target that does not answer holds up only
+        // its own job (its connect and handshake time out), not the others.
+        let launches = pending.into_iter().map(|rec| async move {
             let created = UNIX_EPOCH + Duration::from_millis(rec.created_at_ms);
-            match self.launch(&rec.id, rec.spec.clone(), Some(created)).await {
+            let launched = self.launch(&rec.id, rec.spec.clone(), Some(created)).await;
+            (rec, launched)
+        });
+        for (mut rec, launched) in futures::future::join_all(launches).await {
+            match launched {
                 Ok(_) => {
                     tracing::info!(job_id = %rec.id, was = %rec.status, "job resumed after a restart; copying the whole source again");
                     if matches!(rec.status, JobStatus::Paused | JobStatus::Standby)

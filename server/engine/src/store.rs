@@ -52,6 +52,15 @@ pub struct JobRecord {
     pub pivoted: bool,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// The source volume's file when the job started: if the volume names
+    /// another file now, the pivot was made durable even though this record
+    /// missed it (the volume definitions are saved first).
+    #[serde(default)]
+    pub source_path: Option<String>,
+    /// A cancel was asked for (a job in `waiting` may be completing or
+    /// cancelling; only a completion is resumed).
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 /// Access to the state directory.

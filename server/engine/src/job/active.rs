@@ -12,7 +12,8 @@
 //! - *Background guest write*: under its range lock it writes the source,
 //!   then sets the bits of every chunk it touched. Setting is always safe.
 //! - *Write-blocking guest write*: under its range lock it writes the same
-//!   immutable buffer to source and target (concurrently), then clears only
+//!   immutable buffer to source and target (one after the other in one
+//!   I/O-pool job for two local files, concurrently otherwise), then clears only
 //!   the chunks it covers completely: both sides now hold exactly these
 //!   bytes there. A partly covered chunk keeps its bit — if it was clean,
 //!   both sides received the same bytes and it stays equal; if dirty, the

@@ -137,6 +137,8 @@ pub struct Job {
     /// Restarted from its record after blockmirrord restarted: what the
     /// target holds is unknown, so the whole source is copied again.
     resumed: bool,
+    /// The source volume's file at the start (see `JobRecord::source_path`).
+    source_path: String,
 }
 
 /// Saves the engine's volume definitions after a pivot, first forgetting
@@ -189,6 +191,7 @@ impl Job {
             spec: p.spec,
             created_at: p.resumed_from.unwrap_or(now),
             resumed: p.resumed_from.is_some(),
+            source_path: p.source.path(),
             changed: Notify::new(),
             status_tx: watch::channel(JobStatus::Created).0,
             mirror: p.mirror,
@@ -308,6 +311,8 @@ impl Job {
             error: s.error.clone(),
             pivoted: s.pivoted,
             created_at_ms: millis(self.created_at),
+            source_path: Some(self.source_path.clone()),
+            cancel_requested: s.cancel_requested.is_some(),
         }
     }
 
