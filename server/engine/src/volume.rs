@@ -12,6 +12,12 @@
 //! 4. if a mirror job is active on the volume, hand the request to its
 //!    [`ActiveMirror`] (range lock, source, target, bitmap — see
 //!    `job/active.rs`); otherwise go straight to the backend.
+//!
+//! Writes, discards and flushes are not cancel-safe: a future dropped
+//! halfway releases its range lock and the gate while its I/O still runs,
+//! so a later overlapping write could reach the two sides in another order.
+//! Front ends run each one on its own task to the end (NBD requests are
+//! spawned; the gRPC data service spawns them too).
 
 use crate::backend::BlockBackend;
 use crate::device::Device;

@@ -6,6 +6,23 @@ use blockmirror_proto::v1::{self, data_service_server::DataService};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// Runs a guest write, flush or discard on its own task and waits for it.
+///
+/// tonic drops a handler's future when the client goes away (a deadline,
+/// a cancel). A write dropped halfway would release its range lock and the
+/// pivot gate while its I/O still runs, so a later overlapping write could
+/// reach source and target in another order and leave a clean chunk that
+/// differs. A spawned task is not cancelled with its handle: the operation
+/// always runs to the end, as NBD requests (spawned too) do.
+async fn to_completion<T: Send + 'static>(
+    op: impl std::future::Future<Output = blockmirror_engine::Result<T>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(op).await {
+        Ok(r) => r.status(),
+        Err(e) => Err(Status::internal(format!("guest I/O task failed: {e}"))),
+    }
+}
+
 /// DataService over the engine.
 #[derive(Debug)]
 pub struct DataApi {
@@ -31,7 +48,7 @@ impl DataService for DataApi {
     ) -> Result<Response<v1::WriteResponse>, Status> {
         let r = req.into_inner();
         let v = self.engine.volume(&r.volume).status()?;
-        v.write(r.offset_bytes, r.data, r.fua).await.status()?;
+        to_completion(async move { v.write(r.offset_bytes, r.data, r.fua).await }).await?;
         Ok(Response::new(v1::WriteResponse {}))
     }
 
@@ -40,7 +57,7 @@ impl DataService for DataApi {
         req: Request<v1::FlushRequest>,
     ) -> Result<Response<v1::FlushResponse>, Status> {
         let v = self.engine.volume(&req.into_inner().volume).status()?;
-        v.flush().await.status()?;
+        to_completion(async move { v.flush().await }).await?;
         Ok(Response::new(v1::FlushResponse {}))
     }
 
@@ -50,7 +67,7 @@ impl DataService for DataApi {
     ) -> Result<Response<v1::DiscardResponse>, Status> {
         let r = req.into_inner();
         let v = self.engine.volume(&r.volume).status()?;
-        v.discard(r.offset_bytes, r.length_bytes).await.status()?;
+        to_completion(async move { v.discard(r.offset_bytes, r.length_bytes).await }).await?;
         Ok(Response::new(v1::DiscardResponse {}))
     }
 
@@ -60,9 +77,53 @@ impl DataService for DataApi {
     ) -> Result<Response<v1::WriteZeroesResponse>, Status> {
         let r = req.into_inner();
         let v = self.engine.volume(&r.volume).status()?;
-        v.write_zeroes(r.offset_bytes, r.length_bytes, r.no_hole, false)
-            .await
-            .status()?;
+        to_completion(async move {
+            v.write_zeroes(r.offset_bytes, r.length_bytes, r.no_hole, false)
+                .await
+        })
+        .await?;
         Ok(Response::new(v1::WriteZeroesResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn an_operation_outlives_a_caller_that_gives_up() {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&done);
+        let op = async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            flag.store(true, Ordering::SeqCst);
+            Ok(())
+        };
+        // The caller's future is dropped (as tonic drops a handler's future
+        // when the client's deadline passes) long before the operation ends.
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), to_completion(op)).await;
+        assert!(gave_up.is_err());
+        assert!(!done.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            done.load(Ordering::SeqCst),
+            "the operation was cancelled with its caller"
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_come_back_as_statuses() {
+        let r: Result<(), Status> = to_completion(async {
+            Err(blockmirror_engine::EngineError::invalid(
+                "offset past the end",
+            ))
+        })
+        .await;
+        let s = r.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().contains("offset past the end"), "{s:?}");
     }
 }
