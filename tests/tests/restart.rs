@@ -3,11 +3,26 @@
 //! in-flight guest I/O (never half-acknowledges it) and saves job records.
 
 use blockmirror_proto::v1::{self, CopyMode, JobState};
-use blockmirror_tests::{TestServer, assert_same, spec};
+use blockmirror_tests::{Clients, TestServer, assert_same, spec};
 use bytes::Bytes;
 use std::time::Duration;
 
 const SIZE: u64 = 8 << 20;
+
+/// Starts job "m" from volume "src" to volume "dst", kept after it
+/// concludes (no auto-dismiss) so a restart finds its record.
+async fn start_kept(c: &mut Clients, mode: CopyMode, sync: v1::SyncMode) -> v1::Job {
+    let mut s = spec("src", "volume:dst", mode);
+    s.sync = sync as i32;
+    s.auto_dismiss = Some(false);
+    c.start_mirror("m", s).await
+}
+
+/// A new server on the state directory of one that was stopped or killed.
+fn restart(old: &mut TestServer) -> TestServer {
+    let dir = std::mem::replace(&mut old.dir, tempfile::tempdir().unwrap());
+    TestServer::start_in(dir, &[])
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_limits_and_pivot_survive_a_restart() {
@@ -86,9 +101,7 @@ async fn sigterm_keeps_every_acknowledged_write_and_saves_jobs() {
     c.create_volume("src", SIZE).await;
     c.create_volume("dst", SIZE).await;
     c.limit("dst", 512 << 10).await;
-    let mut s = spec("src", "volume:dst", CopyMode::WriteBlocking);
-    s.auto_dismiss = Some(false);
-    let started = c.start_mirror("m", s).await;
+    let started = start_kept(&mut c, CopyMode::WriteBlocking, v1::SyncMode::Full).await;
     c.wait_for(
         "m",
         &[JobState::Running, JobState::Ready],
@@ -148,9 +161,8 @@ async fn sigterm_keeps_every_acknowledged_write_and_saves_jobs() {
         .created_at
         .as_ref()
         .map(|t| (t.seconds, t.nanos / 1_000_000));
-    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
     drop(c);
-    let server = TestServer::start_in(dir, &[]);
+    let server = restart(&mut server);
     let mut c = server.clients().await;
     let j = c.job("m").await;
     assert!(
@@ -210,9 +222,7 @@ async fn a_job_resumes_after_a_crash_and_the_pivot_is_exact() {
     c.create_volume("dst", SIZE).await;
     c.fill_random("src", SIZE, 21).await;
     c.limit("dst", 1 << 20).await;
-    let mut s = spec("src", "volume:dst", CopyMode::WriteBlocking);
-    s.auto_dismiss = Some(false);
-    let before = c.start_mirror("m", s).await;
+    let before = start_kept(&mut c, CopyMode::WriteBlocking, v1::SyncMode::Full).await;
     c.wait_for("m", &[JobState::Running], Duration::from_secs(10))
         .await;
     // Unaligned 1 KiB writes while the copy runs, until the crash.
@@ -245,8 +255,7 @@ async fn a_job_resumes_after_a_crash_and_the_pivot_is_exact() {
     writer.await.unwrap();
     drop(c);
 
-    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
-    let server = TestServer::start_in(dir, &[]);
+    let server = restart(&mut server);
     let mut c = server.clients().await;
     let j = c.job("m").await;
     assert!(
@@ -300,9 +309,7 @@ async fn a_job_that_cannot_resume_is_concluded_with_the_reason() {
     c.create_volume("src", SIZE).await;
     c.create_volume("dst", SIZE).await;
     c.limit("dst", 256 << 10).await;
-    let mut s = spec("src", "volume:dst", CopyMode::Background);
-    s.auto_dismiss = Some(false);
-    c.start_mirror("m", s).await;
+    start_kept(&mut c, CopyMode::Background, v1::SyncMode::Full).await;
     c.wait_for("m", &[JobState::Running], Duration::from_secs(10))
         .await;
     drop(c);
@@ -338,10 +345,7 @@ async fn a_resumed_sync_none_job_copies_everything() {
     c.create_volume("src", SIZE).await;
     c.create_volume("dst", SIZE).await;
     let content = c.fill_random("src", SIZE, 5).await;
-    let mut s = spec("src", "volume:dst", CopyMode::Background);
-    s.sync = v1::SyncMode::None as i32;
-    s.auto_dismiss = Some(false);
-    c.start_mirror("m", s).await;
+    start_kept(&mut c, CopyMode::Background, v1::SyncMode::None).await;
     c.wait_for("m", &[JobState::Ready], Duration::from_secs(10))
         .await;
     let dst = server.dir.path().join("state/volumes/dst.raw");
@@ -352,8 +356,7 @@ async fn a_resumed_sync_none_job_copies_everything() {
     drop(c);
     server.kill();
 
-    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
-    let server = TestServer::start_in(dir, &[]);
+    let server = restart(&mut server);
     let mut c = server.clients().await;
     c.wait_for("m", &[JobState::Ready], Duration::from_secs(30))
         .await;
