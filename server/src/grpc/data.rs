@@ -3,6 +3,7 @@
 use super::status::IntoStatus;
 use blockmirror_engine::Engine;
 use blockmirror_proto::v1::{self, data_service_server::DataService};
+use opentelemetry::context::FutureExt as _;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -17,7 +18,10 @@ use tonic::{Request, Response, Status};
 async fn to_completion<T: Send + 'static>(
     op: impl std::future::Future<Output = blockmirror_engine::Result<T>> + Send + 'static,
 ) -> Result<T, Status> {
-    match tokio::spawn(op).await {
+    // The task carries the RPC's trace context, so the write's span stays
+    // the child of the call's span.
+    let cx = opentelemetry::Context::current();
+    match tokio::spawn(op.with_context(cx)).await {
         Ok(r) => r.status(),
         Err(e) => Err(Status::internal(format!("guest I/O task failed: {e}"))),
     }
