@@ -1617,16 +1617,23 @@ def main():
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             log(f"work dir kept: {workdir}")
-    pngs = [] if a.no_plots else plots(res, os.path.join(a.out_dir, name))
+    n_plots = write_report(res, os.path.join(a.out_dir, name), a.no_plots)
+    log(f"wrote {jpath}, {name}.md, {n_plots} plots in {a.out_dir}")
+    return 0
+
+
+def write_report(res, stem, no_plots):
+    """Draws the plots and writes STEM.md (tables + plot links); prints the
+    tables; returns the number of plots."""
+    pngs = [] if no_plots else plots(res, stem)
     md = res["markdown"]
     if pngs:
         md += "\n\nPlots: " + ", ".join(
             f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs)
-    with open(os.path.join(a.out_dir, name + ".md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(md + "\n")
     print(md)
-    log(f"wrote {jpath}, {name}.md, {len(pngs)} plots in {a.out_dir}")
-    return 0
+    return len(pngs)
 
 
 def render(jpath, no_plots):
@@ -1641,14 +1648,7 @@ def render(jpath, no_plots):
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1, default=str)
     os.replace(tmp, jpath)
-    pngs = [] if no_plots else plots(res, stem)
-    md = res["markdown"]
-    if pngs:
-        md += "\n\nPlots: " + ", ".join(
-            f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs)
-    with open(stem + ".md", "w") as f:
-        f.write(md + "\n")
-    print(md)
+    write_report(res, stem, no_plots)
     return 0
 
 

@@ -373,6 +373,16 @@ impl Clients {
             .into_inner()
     }
 
+    /// Asks a READY job to complete and waits until it has concluded;
+    /// returns the concluded job.
+    pub async fn complete_and_wait(&mut self, id: &str, timeout: Duration) -> v1::Job {
+        self.jobs
+            .complete_job(v1::JobRequest { job_id: id.into() })
+            .await
+            .expect("complete");
+        self.wait_for(id, &[v1::JobState::Concluded], timeout).await
+    }
+
     /// Waits (long poll) until the job is in one of `states`; panics after `timeout`.
     pub async fn wait_for(
         &mut self,

@@ -116,13 +116,7 @@ async fn complete_under_load(mode: CopyMode) {
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    c.jobs
-        .complete_job(v1::JobRequest { job_id: "m".into() })
-        .await
-        .expect("complete");
-    let done = c
-        .wait_for("m", &[JobState::Concluded], Duration::from_secs(60))
-        .await;
+    let done = c.complete_and_wait("m", Duration::from_secs(60)).await;
     assert!(done.pivoted, "{done:?}");
     assert!(done.error.is_empty(), "{done:?}");
     // Guests keep writing after the pivot: now to the target.
@@ -268,13 +262,7 @@ async fn mode_switches_under_load_keep_the_target_exact() {
         .await;
     seen_ready |= ready.state == JobState::Ready as i32;
     assert!(seen_ready);
-    c.jobs
-        .complete_job(v1::JobRequest { job_id: "m".into() })
-        .await
-        .expect("complete");
-    let done = c
-        .wait_for("m", &[JobState::Concluded], Duration::from_secs(60))
-        .await;
+    let done = c.complete_and_wait("m", Duration::from_secs(60)).await;
     assert!(done.pivoted, "{done:?}");
     let (model, ops) = load.finish().await;
     assert!(ops > 100, "only {ops} guest writes");

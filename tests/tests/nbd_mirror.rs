@@ -136,13 +136,7 @@ async fn mirror_over_nbd(mode: CopyMode, target_uri: &str, target_for_compare: &
         status.success() && !err.contains("io_u error"),
         "fio: {status} {err}"
     );
-    c.jobs
-        .complete_job(v1::JobRequest { job_id: "m".into() })
-        .await
-        .expect("complete");
-    let done = c
-        .wait_for("m", &[JobState::Concluded], Duration::from_secs(60))
-        .await;
+    let done = c.complete_and_wait("m", Duration::from_secs(60)).await;
     assert!(done.pivoted && done.error.is_empty(), "{done:?}");
     let v = c
         .volumes
@@ -284,13 +278,7 @@ async fn target_outage_is_reported_and_survived() {
         }
     }
     assert!(errors > 0, "the outage was not reported");
-    c.jobs
-        .complete_job(v1::JobRequest { job_id: "m".into() })
-        .await
-        .unwrap();
-    let done = c
-        .wait_for("m", &[JobState::Concluded], Duration::from_secs(60))
-        .await;
+    let done = c.complete_and_wait("m", Duration::from_secs(60)).await;
     assert!(done.pivoted, "{done:?}");
     let old = server.dir.path().join("state/volumes/src.raw");
     let out = tool_ok(

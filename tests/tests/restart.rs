@@ -18,6 +18,23 @@ async fn start_kept(c: &mut Clients, mode: CopyMode, sync: v1::SyncMode) -> v1::
     c.start_mirror("m", s).await
 }
 
+/// Job "m" after a restart: running again (or about to), and the same job
+/// as `before` (records keep creation times to the millisecond).
+async fn resumed(c: &mut Clients, before: &v1::Job) -> v1::Job {
+    let j = c.job("m").await;
+    assert!(
+        [JobState::Created, JobState::Running].contains(&j.state()),
+        "the job resumes after a restart: {j:?}"
+    );
+    let ms = |j: &v1::Job| {
+        j.created_at
+            .as_ref()
+            .map(|t| (t.seconds, t.nanos / 1_000_000))
+    };
+    assert_eq!(ms(&j), ms(before), "same job, same creation time");
+    j
+}
+
 /// A new server on the state directory of one that was stopped or killed.
 fn restart(old: &mut TestServer) -> TestServer {
     let dir = std::mem::replace(&mut old.dir, tempfile::tempdir().unwrap());
@@ -157,26 +174,11 @@ async fn sigterm_keeps_every_acknowledged_write_and_saves_jobs() {
 
     // The job record was saved; after a restart the job resumes, copies the
     // whole source again and converges.
-    let created_at = started
-        .created_at
-        .as_ref()
-        .map(|t| (t.seconds, t.nanos / 1_000_000));
     drop(c);
     let server = restart(&mut server);
     let mut c = server.clients().await;
-    let j = c.job("m").await;
-    assert!(
-        [JobState::Created, JobState::Running].contains(&j.state()),
-        "{j:?}"
-    );
+    let j = resumed(&mut c, &started).await;
     assert!(j.error.is_empty(), "{j:?}");
-    // Records keep creation times to the millisecond.
-    let ms = |j: &v1::Job| {
-        j.created_at
-            .as_ref()
-            .map(|t| (t.seconds, t.nanos / 1_000_000))
-    };
-    assert_eq!(ms(&j), created_at, "same job");
     assert!(
         server.log().contains("job resumed after a restart"),
         "{}",
@@ -257,17 +259,7 @@ async fn a_job_resumes_after_a_crash_and_the_pivot_is_exact() {
 
     let server = restart(&mut server);
     let mut c = server.clients().await;
-    let j = c.job("m").await;
-    assert!(
-        [JobState::Created, JobState::Running].contains(&j.state()),
-        "the job resumes after a crash: {j:?}"
-    );
-    let ms = |j: &v1::Job| {
-        j.created_at
-            .as_ref()
-            .map(|t| (t.seconds, t.nanos / 1_000_000))
-    };
-    assert_eq!(ms(&j), ms(&before), "same job, same creation time");
+    resumed(&mut c, &before).await;
     let v = c
         .volumes
         .get_volume(v1::GetVolumeRequest { name: "src".into() })
@@ -287,13 +279,7 @@ async fn a_job_resumes_after_a_crash_and_the_pivot_is_exact() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let guest = guest.await.unwrap();
     assert!(guest.ops > 0, "the guest never wrote");
-    c.jobs
-        .complete_job(v1::JobRequest { job_id: "m".into() })
-        .await
-        .unwrap();
-    let done = c
-        .wait_for("m", &[JobState::Concluded], Duration::from_secs(30))
-        .await;
+    let done = c.complete_and_wait("m", Duration::from_secs(30)).await;
     assert!(done.pivoted && done.error.is_empty(), "{done:?}");
     assert_same(
         "pivoted volume after a crash and a resumed job",
