@@ -28,6 +28,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod aligned;
 pub mod backend;
 pub mod bitmap;
 pub mod device;

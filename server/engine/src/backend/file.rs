@@ -1,12 +1,14 @@
 //! A raw file or block device as a backend.
 
 use super::{Allocation, BlockBackend};
+use crate::aligned::is_direct_aligned;
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Zero buffer size used when the filesystem cannot zero a range itself.
 const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
@@ -15,9 +17,29 @@ const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
+    /// The same file opened with `O_DIRECT`, for bulk writes that should
+    /// not go through the page cache ([`BlockBackend::write_uncached`]);
+    /// `None` where the filesystem refuses it (tmpfs on older kernels).
+    direct: Option<File>,
+    /// Cleared when a direct write fails with `EINVAL` (a device whose
+    /// alignment is stricter than ours): bulk writes are buffered from then.
+    direct_works: AtomicBool,
     path: String,
     size: u64,
     is_block_device: bool,
+}
+
+/// Opens `path` again with `O_DIRECT`, if the filesystem allows it and the
+/// path still names the file `file` has open.
+fn open_direct(path: &Path, file: &File) -> Option<File> {
+    let direct = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()?;
+    let (a, b) = (file.metadata().ok()?, direct.metadata().ok()?);
+    (a.dev() == b.dev() && a.ino() == b.ino()).then_some(direct)
 }
 
 impl FileBackend {
@@ -37,6 +59,8 @@ impl FileBackend {
         }
         let size = file.seek(SeekFrom::End(0))?;
         Ok(Self {
+            direct: open_direct(path, &file),
+            direct_works: AtomicBool::new(true),
             file,
             path: path.display().to_string(),
             size,
@@ -56,6 +80,8 @@ impl FileBackend {
             .open(path)?;
         file.set_len(size)?;
         Ok(Self {
+            direct: open_direct(path, &file),
+            direct_works: AtomicBool::new(true),
             file,
             path: path.display().to_string(),
             size,
@@ -130,6 +156,29 @@ impl BlockBackend for FileBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(direct) = &self.direct
+            && is_direct_aligned(buf, offset)
+            && self.direct_works.load(Ordering::Relaxed)
+        {
+            // The kernel writes back and drops any cached pages of the
+            // range first, so buffered and direct writes stay coherent as
+            // long as they do not overlap in time (the mirror's range locks
+            // see to that).
+            match direct.write_all_at(buf, offset) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_works.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        path = %self.path,
+                        "direct I/O refused (EINVAL); bulk writes to this file go through the page cache"
+                    );
+                }
+                done => return done,
+            }
+        }
         self.file.write_all_at(buf, offset)
     }
 
@@ -223,5 +272,70 @@ mod tests {
         let mut buf = [9u8; 4096];
         b.read_at(&mut buf, 4 << 20).unwrap();
         assert!(buf.iter().all(|&x| x == 0));
+    }
+
+    /// Bytes of `path` in the page cache, by util-linux's `fincore`
+    /// (`preadv2(RWF_NOWAIT)` cannot tell: it starts readahead, which a
+    /// fast device may finish before the read looks again).
+    fn resident_bytes(path: &Path) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--raw", "--noheadings", "--bytes", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(out.status.success(), "fincore: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    #[test]
+    fn bulk_writes_bypass_the_page_cache_and_stay_coherent_with_buffered_ones() {
+        use crate::aligned::AlignedBuf;
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("img");
+        let b = FileBackend::create(&path, 4 << 20).unwrap();
+        assert!(b.direct.is_some(), "ext4 and xfs take O_DIRECT");
+        // A buffered guest write leaves cached (dirty) pages in the range...
+        b.write_at(&[1u8; 8192], 1 << 20).unwrap();
+        assert_eq!(resident_bytes(&path), 8192);
+        // ...which a direct bulk write over it writes back and drops first.
+        let mut bulk = AlignedBuf::new(64 << 10);
+        bulk.as_mut_slice().fill(2);
+        b.write_uncached(bulk.as_slice(), 1 << 20).unwrap();
+        b.write_uncached(bulk.as_slice(), 3 << 20).unwrap();
+        assert!(b.direct_works.load(Ordering::Relaxed));
+        assert_eq!(
+            resident_bytes(&path),
+            0,
+            "direct writes leave nothing in the page cache"
+        );
+        let mut back = vec![0u8; 64 << 10];
+        b.read_at(&mut back, 1 << 20).unwrap();
+        assert!(back.iter().all(|&x| x == 2), "the bulk write won");
+        // A later buffered write over part of it reads back as written.
+        b.write_at(&[3u8; 1024], (1 << 20) + 1024).unwrap();
+        b.read_at(&mut back, 1 << 20).unwrap();
+        assert!(back[..1024].iter().all(|&x| x == 2));
+        assert!(back[1024..2048].iter().all(|&x| x == 3));
+        assert!(back[2048..].iter().all(|&x| x == 2));
+        // Unaligned bulk writes (a device's odd-sized tail) take the
+        // buffered path and land all the same.
+        b.write_uncached(&[4u8; 1000], (2 << 20) + 100).unwrap();
+        let mut tail = vec![0u8; 1000];
+        b.read_at(&mut tail, (2 << 20) + 100).unwrap();
+        assert!(tail.iter().all(|&x| x == 4));
+        // On storage, not only in the cache: drop the cache and read again.
+        b.flush().unwrap();
+        nix::fcntl::posix_fadvise(
+            &b.file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        b.read_at(&mut back, 3 << 20).unwrap();
+        assert!(back.iter().all(|&x| x == 2));
+        b.read_at(&mut back, 1 << 20).unwrap();
+        assert!(back[1024..2048].iter().all(|&x| x == 3));
+        assert!(back[2048..].iter().all(|&x| x == 2));
     }
 }

@@ -45,6 +45,7 @@
 //!   that copy I/O takes at most `copier_time_share` of the time
 //!   (`copy_busy_us`, read by the runner's pacer).
 
+use crate::aligned::AlignedBuf;
 use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
@@ -196,7 +197,7 @@ pub struct ActiveMirror {
     errors: Mutex<VecDeque<MirrorIoError>>,
     /// Reused copy buffers, so the copier does not allocate (and zero) a
     /// fresh buffer per operation.
-    buffers: Mutex<Vec<Vec<u8>>>,
+    buffers: Mutex<Vec<AlignedBuf>>,
     /// Held by a copy while it waits for its turn at the target (the
     /// target's write limit): at most one copy is queued there at a time,
     /// so a guest write never queues behind more than one copy operation.
@@ -786,7 +787,7 @@ fn copy_blocking(
     dst: &dyn BlockBackend,
     off: u64,
     len: u64,
-    buf: &mut Vec<u8>,
+    buf: &mut AlignedBuf,
 ) -> Result<Copied, MirrorIoError> {
     let src_err = |error| MirrorIoError {
         side: Side::Source,
@@ -806,16 +807,17 @@ fn copy_blocking(
     }
     // A copy operation is at most 1 MiB (MAX_COPY_OP_BYTES), so it fits usize.
     let n = usize::try_from(len).map_err(|_| src_err(std::io::Error::other("copy too large")))?;
-    if buf.len() != n {
-        buf.resize(n, 0);
-    }
+    buf.resize(n);
+    let buf = buf.as_mut_slice();
     src.read_at(buf, off).map_err(src_err)?;
     if buf.iter().all(|&b| b == 0) {
         dst.write_zeroes(off, len, true)
             .map(|()| Copied::Zeroes)
             .map_err(tgt_err)
     } else {
-        dst.write_at(buf, off)
+        // Aligned (the buffer, and chunks of at least 4 KiB), so a local
+        // file target takes it without the page cache.
+        dst.write_uncached(buf, off)
             .map(|()| Copied::Data)
             .map_err(tgt_err)
     }
