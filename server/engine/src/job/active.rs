@@ -167,6 +167,14 @@ pub struct ActiveMirror {
     /// leave their chunks dirty, so a dead target costs the guest one
     /// timeout, not one per write.
     target_failing: AtomicBool,
+    /// Guest writes (and zeroes) that have reached the target, counted
+    /// when their target leg completes...
+    guest_target_writes: AtomicU64,
+    /// ... and how many of them the last successful guest-flush of the
+    /// target covered: a guest flush with nothing new on the target flushes
+    /// only the source (each `fdatasync` costs a device cache flush, which a
+    /// guest that flushes every few writes feels).
+    target_flushed_through: AtomicU64,
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
     /// The same target for synchronous guest writes while there is copying
@@ -269,6 +277,8 @@ impl ActiveMirror {
             guest_target_alone: target.with_priority(100),
             copier_time_share_percent: 50,
             copy_busy_us: AtomicU64::new(0),
+            guest_target_writes: AtomicU64::new(0),
+            target_flushed_through: AtomicU64::new(0),
             target,
             budget: InflightBudget::new(buf_size),
             copy_share: InflightBudget::new(
@@ -604,6 +614,9 @@ impl ActiveMirror {
                     })
                 }
             };
+            // Counted before the acknowledgement, so a flush the guest
+            // issues after it sees this write.
+            self.guest_target_writes.fetch_add(1, Ordering::AcqRel);
             self.note_target_latency(tgt.1);
             let (src, tgt) = timing.both_legs(CopyMode::WriteBlocking, src, tgt);
             self.counters
@@ -646,7 +659,10 @@ impl ActiveMirror {
     }
 
     /// A guest flush: the source always; the target too in write-blocking
-    /// mode, so an acknowledged flush is durable on both sides.
+    /// mode, so an acknowledged flush is durable on both sides — unless no
+    /// guest write has reached the target since its last flush (writes to
+    /// dirty chunks go to the source alone; the copier's data is the job's
+    /// business, made durable before READY and the pivot).
     ///
     /// # Errors
     /// The source's flush error.
@@ -654,9 +670,17 @@ impl ActiveMirror {
         if !self.is_write_blocking() || self.is_target_failing() {
             return source.flush().await;
         }
+        let written = self.guest_target_writes.load(Ordering::Acquire);
+        if written == self.target_flushed_through.load(Ordering::Acquire) {
+            return source.flush().await;
+        }
         let (src, tgt) = tokio::join!(source.flush(), self.target.flush());
-        if let Err(e) = tgt {
-            self.record_error(Side::Target, "flush", e);
+        match tgt {
+            Ok(()) => {
+                self.target_flushed_through
+                    .fetch_max(written, Ordering::AcqRel);
+            }
+            Err(e) => self.record_error(Side::Target, "flush", e),
         }
         src
     }
@@ -987,5 +1011,93 @@ mod footprint_tests {
         m.track_footprint(false);
         write(5 * GRAN, 4096).await.unwrap();
         assert_eq!(m.take_footprint(), 0);
+    }
+}
+
+#[cfg(test)]
+mod flush_tests {
+    use super::*;
+    use crate::backend::MemBackend;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Memory that counts its flushes.
+    #[derive(Debug)]
+    struct Counting {
+        mem: MemBackend,
+        flushes: AtomicUsize,
+    }
+
+    impl BlockBackend for Counting {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.mem.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> std::io::Result<()> {
+            self.mem.write_zeroes(offset, len, punch)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn path(&self) -> &str {
+            "counting"
+        }
+    }
+
+    fn counting() -> Arc<Counting> {
+        Arc::new(Counting {
+            mem: MemBackend::new(1 << 20),
+            flushes: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_guest_flush_flushes_the_target_only_when_guest_writes_reached_it() {
+        const GRAN: u64 = 64 << 10;
+        let (s, t) = (counting(), counting());
+        let src = Device::unthrottled(s.clone());
+        let m = ActiveMirror::new(1 << 20, GRAN, Device::unthrottled(t.clone()), 1 << 20, true);
+        let write = |off: u64| {
+            let op = WriteOp::Data {
+                data: Bytes::from(vec![7u8; 4096]),
+                fua: false,
+            };
+            let (m, src) = (&m, &src);
+            async move {
+                m.guest_write(src, off, 4096, op, None, &mut WriteTiming::start())
+                    .await
+                    .unwrap();
+            }
+        };
+        let flushes = |b: &Counting| b.flushes.load(Ordering::Relaxed);
+
+        // Nothing written yet: the source alone.
+        m.guest_flush(&src).await.unwrap();
+        assert_eq!((flushes(&s), flushes(&t)), (1, 0));
+        // A write to a clean chunk reaches the target: both, once.
+        write(0).await;
+        m.guest_flush(&src).await.unwrap();
+        assert_eq!((flushes(&s), flushes(&t)), (2, 1));
+        m.guest_flush(&src).await.unwrap();
+        assert_eq!((flushes(&s), flushes(&t)), (3, 1));
+        // Writes to dirty chunks go to the source alone: so does the flush.
+        m.mark_dirty(4, 8);
+        write(5 * GRAN).await;
+        m.guest_flush(&src).await.unwrap();
+        assert_eq!((flushes(&s), flushes(&t)), (4, 1));
+        // Background mode never flushes the target for a guest.
+        write(GRAN).await;
+        m.set_write_blocking(false);
+        m.guest_flush(&src).await.unwrap();
+        assert_eq!((flushes(&s), flushes(&t)), (5, 1));
+        // Back in write-blocking mode, the write made before still counts.
+        m.set_write_blocking(true);
+        m.guest_flush(&src).await.unwrap();
+        assert_eq!((flushes(&s), flushes(&t)), (6, 2));
     }
 }
