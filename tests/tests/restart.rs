@@ -18,12 +18,13 @@ async fn start_kept(c: &mut Clients, mode: CopyMode, sync: v1::SyncMode) -> v1::
     c.start_mirror("m", s).await
 }
 
-/// Job "m" after a restart: running again (or about to), and the same job
-/// as `before` (records keep creation times to the millisecond).
+/// Job "m" after a restart: running again (or about to, or already READY
+/// again when little was left to copy), and the same job as `before`
+/// (records keep creation times to the millisecond).
 async fn resumed(c: &mut Clients, before: &v1::Job) -> v1::Job {
     let j = c.job("m").await;
     assert!(
-        [JobState::Created, JobState::Running].contains(&j.state()),
+        [JobState::Created, JobState::Running, JobState::Ready].contains(&j.state()),
         "the job resumes after a restart: {j:?}"
     );
     let ms = |j: &v1::Job| {
@@ -172,8 +173,8 @@ async fn sigterm_keeps_every_acknowledged_write_and_saves_jobs() {
     let log = server.log();
     assert!(log.contains("stopped"), "no clean stop in the log:\n{log}");
 
-    // The job record was saved; after a restart the job resumes, copies the
-    // whole source again and converges.
+    // The job record (and its dirty bitmap) was saved; after a restart the
+    // job resumes and converges.
     drop(c);
     let server = restart(&mut server);
     let mut c = server.clients().await;
@@ -213,6 +214,125 @@ async fn sigterm_keeps_every_acknowledged_write_and_saves_jobs() {
             .unwrap_err()
             .code(),
         tonic::Code::NotFound
+    );
+}
+
+/// Waits until job "m" has copied at least `bytes`.
+async fn wait_copied(c: &mut Clients, bytes: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = c.job("m").await;
+        if j.copied_bytes >= bytes {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "copy too slow: {j:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A clean stop saves the job's dirty bitmap; the resumed job copies only
+/// what was left (plus what guests wrote into the copied part) and the
+/// target ends equal to every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cleanly_stopped_job_resumes_from_its_saved_bitmap() {
+    const BIG: u64 = 32 << 20;
+    let mut server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("src", BIG).await;
+    c.create_volume("dst", BIG).await;
+    let mut model = c.fill_random("src", BIG, 11).await;
+    c.limit("dst", 8 << 20).await;
+    let started = start_kept(&mut c, CopyMode::Background, v1::SyncMode::Full).await;
+    wait_copied(&mut c, BIG / 2).await;
+    // Guests rewrite part of what is already copied: unaligned 1 KiB writes
+    // and a discard, all below the copier's cursor.
+    for i in 0..16u64 {
+        let off = i * 397 * 1024 + 512;
+        let data = vec![u8::try_from(i).unwrap() + 1; 1024];
+        c.write("src", off, data.clone()).await;
+        let at = usize::try_from(off).unwrap();
+        model[at..at + 1024].copy_from_slice(&data);
+    }
+    c.data
+        .discard(v1::DiscardRequest {
+            volume: "src".into(),
+            offset_bytes: 3 << 20,
+            length_bytes: 256 << 10,
+        })
+        .await
+        .unwrap();
+    model[3 << 20..(3 << 20) + (256 << 10)].fill(0);
+    drop(c);
+    assert!(server.terminate().success(), "{}", server.log());
+    let jobs = server.dir.path().join("state/jobs");
+    assert!(jobs.join("m.bitmap").exists(), "{}", server.log());
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(jobs.join("m.json")).unwrap()).unwrap();
+    assert_eq!(rec["dirty_bitmap_saved"], true, "{rec}");
+
+    let server = restart(&mut server);
+    let mut c = server.clients().await;
+    resumed(&mut c, &started).await;
+    assert!(
+        server
+            .log()
+            .contains("from the dirty bitmap its shutdown saved"),
+        "{}",
+        server.log()
+    );
+    assert!(
+        !jobs.join("m.bitmap").exists(),
+        "a bitmap serves one resume"
+    );
+    c.limit("dst", 0).await;
+    let ready = c
+        .wait_for("m", &[JobState::Ready], Duration::from_secs(60))
+        .await;
+    assert!(
+        ready.copied_bytes > 0 && ready.copied_bytes <= BIG * 5 / 8,
+        "the resumed job copied {} of {BIG} bytes",
+        ready.copied_bytes
+    );
+    let done = c.complete_and_wait("m", Duration::from_secs(30)).await;
+    assert!(done.pivoted && done.error.is_empty(), "{done:?}");
+    assert_same("pivoted volume", &c.read("src", 0, BIG).await, &model);
+}
+
+/// A saved bitmap that is damaged (or of another job's size) is not
+/// trusted: the resumed job copies everything, and the copy is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_saved_bitmap_means_a_full_copy() {
+    let mut server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("src", SIZE).await;
+    c.create_volume("dst", SIZE).await;
+    let content = c.fill_random("src", SIZE, 13).await;
+    c.limit("dst", 1 << 20).await;
+    start_kept(&mut c, CopyMode::Background, v1::SyncMode::Full).await;
+    wait_copied(&mut c, 1 << 20).await;
+    drop(c);
+    assert!(server.terminate().success(), "{}", server.log());
+    let bitmap = server.dir.path().join("state/jobs/m.bitmap");
+    let mut bytes = std::fs::read(&bitmap).unwrap();
+    bytes.truncate(bytes.len() - 8);
+    std::fs::write(&bitmap, bytes).unwrap();
+
+    let server = restart(&mut server);
+    let mut c = server.clients().await;
+    c.limit("dst", 0).await;
+    let ready = c
+        .wait_for("m", &[JobState::Ready], Duration::from_secs(30))
+        .await;
+    assert!(
+        server.log().contains("saved dirty bitmap not used"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(ready.copied_bytes, SIZE, "{ready:?}");
+    assert_same(
+        "target after a full copy",
+        &std::fs::read(server.dir.path().join("state/volumes/dst.raw")).unwrap(),
+        &content,
     );
 }
 

@@ -2,6 +2,7 @@
 //! entry points the front ends (gRPC, NBD) call.
 
 use crate::backend::{BlockBackend, FileBackend, NbdBackend, NbdUri};
+use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::events::EventLog;
@@ -165,9 +166,7 @@ impl Engine {
                         .is_some_and(|v| v.path() != *start)
                 });
                 rec.pivoted |= moved;
-                let ended =
-                    rec.pivoted || rec.cancel_requested || rec.status == JobStatus::Aborting;
-                if !ended {
+                if rec.is_resumable() {
                     to_resume.push(rec);
                     continue;
                 }
@@ -557,8 +556,10 @@ impl Engine {
 
     /// Restarts the jobs that had not finished when blockmirrord stopped
     /// (or crashed), under their ids and specs (paused and standby jobs
-    /// start paused). The writes tracked before the stop are gone, so each
-    /// copies its whole source again and then becomes READY anew; a
+    /// start paused). A job whose clean shutdown saved its dirty bitmap
+    /// copies what that marks; after a crash the tracked writes are gone,
+    /// so it copies its whole source again. Either way it becomes READY
+    /// anew; a
     /// completion that had not pivoted yet must be asked for again. Jobs
     /// that were being cancelled, or whose pivot was made, are concluded in
     /// `Engine::open` instead. A job that cannot restart (a volume is gone,
@@ -569,13 +570,24 @@ impl Engine {
         // its own job (its connect and handshake time out), not the others.
         let launches = pending.into_iter().map(|rec| async move {
             let created = UNIX_EPOCH + Duration::from_millis(rec.created_at_ms);
-            let launched = self.launch(&rec.id, rec.spec.clone(), Some(created)).await;
-            (rec, launched)
+            let bitmap = self.saved_bitmap(&rec);
+            let from_bitmap = bitmap.as_ref().map(DirtyBitmap::count);
+            let launched = self
+                .launch(&rec.id, rec.spec.clone(), Some((created, bitmap)))
+                .await;
+            (rec, launched, from_bitmap)
         });
-        for (mut rec, launched) in futures::future::join_all(launches).await {
+        for (mut rec, launched, from_bitmap) in futures::future::join_all(launches).await {
             match launched {
                 Ok(_) => {
-                    tracing::info!(job_id = %rec.id, was = %rec.status, "job resumed after a restart; copying the whole source again");
+                    match from_bitmap {
+                        Some(dirty_chunks) => {
+                            tracing::info!(job_id = %rec.id, was = %rec.status, dirty_chunks, "job resumed after a restart from the dirty bitmap its shutdown saved")
+                        }
+                        None => {
+                            tracing::info!(job_id = %rec.id, was = %rec.status, "job resumed after a restart; copying the whole source again")
+                        }
+                    }
                     if matches!(rec.status, JobStatus::Paused | JobStatus::Standby)
                         && let Err(e) = self.pause_job(&rec.id)
                     {
@@ -600,12 +612,43 @@ impl Engine {
 
     /// Builds and starts a job (`resumed_from`: the creation time of the
     /// record it resumes).
+    /// The dirty bitmap a clean shutdown saved for `rec`, if it is there,
+    /// whole, and the size of the job's bitmap (else the job copies
+    /// everything). The file is removed either way: it is good for one
+    /// resume only.
+    fn saved_bitmap(&self, rec: &JobRecord) -> Option<DirtyBitmap> {
+        let taken = self.store.take_bitmap(&rec.id);
+        if !rec.dirty_bitmap_saved {
+            // Left by a shutdown that stopped before its record said so.
+            return None;
+        }
+        let chunks = self
+            .volume(&rec.spec.source_volume)
+            .ok()?
+            .size()
+            .div_ceil(rec.spec.granularity_bytes.max(1));
+        let unusable = |why: String| {
+            tracing::warn!(job_id = %rec.id, "saved dirty bitmap not used ({why}); the job copies everything");
+            None
+        };
+        match taken {
+            Ok(Some(bytes)) => match DirtyBitmap::from_bytes(&bytes) {
+                Ok(b) if b.len() == chunks => Some(b),
+                Ok(b) => unusable(format!("{} chunks, the job has {chunks}", b.len())),
+                Err(e) => unusable(e.to_string()),
+            },
+            Ok(None) => unusable("the file is missing".into()),
+            Err(e) => unusable(e.chain()),
+        }
+    }
+
     async fn launch(
         &self,
         id: &str,
         spec: MirrorSpec,
-        resumed_from: Option<SystemTime>,
+        resumed: Option<(SystemTime, Option<DirtyBitmap>)>,
     ) -> Result<JobInfo> {
+        let (resumed_from, resume_bitmap) = resumed.map_or((None, None), |(t, b)| (Some(t), b));
         let source = self.volume(&spec.source_volume)?;
         let size = source.size();
         let (target_volume, target_backend, device) = match &spec.target {
@@ -706,6 +749,7 @@ impl Engine {
             shutdown: self.shutdown.child_token(),
             persist_volumes: persist,
             resumed_from,
+            resume_bitmap,
         });
         {
             let mut jobs = lock(&self.jobs);

@@ -28,7 +28,6 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod aligned;
 pub mod backend;
 pub mod bitmap;
 pub mod device;

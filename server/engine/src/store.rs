@@ -3,7 +3,8 @@
 //! either the old or the new version.
 //!
 //! Layout: `STATE/volumes.json`, `STATE/exports.json`, `STATE/jobs/ID.json`,
-//! and created volume files under `STATE/volumes/`.
+//! `STATE/jobs/ID.bitmap` (the dirty bitmap of a job stopped by a clean
+//! shutdown), and created volume files under `STATE/volumes/`.
 
 use crate::error::{EngineError, Result};
 use crate::job::spec::MirrorSpec;
@@ -61,6 +62,31 @@ pub struct JobRecord {
     /// cancelling; only a completion is resumed).
     #[serde(default)]
     pub cancel_requested: bool,
+    /// A clean shutdown saved the job's dirty bitmap (`jobs/ID.bitmap`)
+    /// with both sides flushed and the source closed to writes, so the job
+    /// can resume from it instead of copying everything. Saved after the
+    /// bitmap: the record is the commit point.
+    #[serde(default)]
+    pub dirty_bitmap_saved: bool,
+}
+
+impl JobRecord {
+    /// Whether blockmirrord restarts this job when it starts: it had not
+    /// ended, was not being cancelled or failing, and had not pivoted.
+    pub fn is_resumable(&self) -> bool {
+        !self.status.is_terminal()
+            && !self.pivoted
+            && !self.cancel_requested
+            && self.status != JobStatus::Aborting
+    }
+}
+
+/// Makes a rename or removal in `path`'s directory durable.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// Access to the state directory.
@@ -101,13 +127,60 @@ impl Store {
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let tmp = path.with_extension("tmp");
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         let what = format!("writing {}", path.display());
         let mut f = fs::File::create(&tmp).map_err(io_err(what.clone()))?;
         f.write_all(bytes).map_err(io_err(what.clone()))?;
         f.sync_all().map_err(io_err(what.clone()))?;
-        fs::rename(&tmp, path).map_err(io_err(what))?;
-        Ok(())
+        fs::rename(&tmp, path).map_err(io_err(what.clone()))?;
+        sync_parent(path).map_err(io_err(what))
+    }
+
+    fn bitmap_path(&self, id: &str) -> PathBuf {
+        self.dir.join("jobs").join(format!("{id}.bitmap"))
+    }
+
+    /// Saves a job's serialised dirty bitmap (see
+    /// [`JobRecord::dirty_bitmap_saved`]).
+    ///
+    /// # Errors
+    /// `Io` if the file cannot be written.
+    pub fn save_bitmap(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        self.write_atomic(&self.bitmap_path(id), bytes)
+    }
+
+    /// Reads a job's saved dirty bitmap and removes it, durably, before
+    /// returning it: a bitmap is good for one resume only (the resumed job
+    /// tracks writes in memory from then on, so after a crash the file would
+    /// be stale). `None` if there is none.
+    ///
+    /// # Errors
+    /// `Io` if it cannot be read or removed.
+    pub fn take_bitmap(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.bitmap_path(id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(EngineError::io(format!("reading {}", path.display()), e)),
+        };
+        self.remove_bitmap(id)?;
+        Ok(Some(bytes))
+    }
+
+    /// Removes a job's saved dirty bitmap, if any.
+    ///
+    /// # Errors
+    /// `Io` if it exists but cannot be removed.
+    pub fn remove_bitmap(&self, id: &str) -> Result<()> {
+        let path = self.bitmap_path(id);
+        let what = format!("removing {}", path.display());
+        match fs::remove_file(&path) {
+            Ok(()) => sync_parent(&path).map_err(io_err(what)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(EngineError::io(what, e)),
+        }
     }
 
     fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
@@ -199,6 +272,7 @@ impl Store {
     /// # Errors
     /// `Io` if the file exists but cannot be removed.
     pub fn remove_job(&self, id: &str) -> Result<()> {
+        self.remove_bitmap(id)?;
         let path = self.dir.join("jobs").join(format!("{id}.json"));
         match fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

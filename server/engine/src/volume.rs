@@ -27,6 +27,7 @@ use crate::limits::InflightPermit;
 use crate::observe::{Observer, WriteKind, WriteTiming};
 use crate::throttle::{RateLimits, Throttle};
 use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::OwnedRwLockWriteGuard;
 
@@ -59,6 +60,10 @@ pub struct Volume {
     user: Mutex<Option<(String, VolumeRole)>>,
     /// The engine's observer, told about every guest write.
     observer: Observer,
+    /// Set at shutdown once a job saved this volume's dirty bitmap for its
+    /// resume: a write after that would be tracked nowhere, so guest
+    /// writes are refused (`Unavailable`) from then until the process exits.
+    writes_closed: AtomicBool,
 }
 
 fn read_lock<T: ?Sized>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -86,6 +91,7 @@ impl Volume {
             mirror: RwLock::new(None),
             user: Mutex::new(None),
             observer,
+            writes_closed: AtomicBool::new(false),
         })
     }
 
@@ -179,6 +185,12 @@ impl Volume {
         Arc::clone(&self.gate).write_owned().await
     }
 
+    /// Refuses guest writes from now on (see `writes_closed`). Call with
+    /// the gate drained, so no write is in flight.
+    pub(crate) fn close_writes(&self) {
+        self.writes_closed.store(true, Ordering::Release);
+    }
+
     /// Installs or removes the mirror write hook. Call with the gate drained.
     pub(crate) fn set_mirror(&self, mirror: Option<Arc<ActiveMirror>>) {
         *write_lock(&self.mirror) = mirror;
@@ -261,6 +273,15 @@ impl Volume {
             self.throttle.acquire(0).await;
         }
         let _io = self.gate.read().await;
+        if self.writes_closed.load(Ordering::Acquire) {
+            return Err(EngineError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "volume {:?} takes no more writes: blockmirrord is shutting down",
+                    self.name
+                ),
+            ));
+        }
         let source = Device::unthrottled(self.backend());
         let (kind, mirror) = (WriteKind::of(&op, len), self.mirror());
         let result = match &mirror {

@@ -45,7 +45,6 @@
 //!   that copy I/O takes at most `copier_time_share` of the time
 //!   (`copy_busy_us`, read by the runner's pacer).
 
-use crate::aligned::AlignedBuf;
 use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
@@ -205,7 +204,7 @@ pub struct ActiveMirror {
     errors: Mutex<VecDeque<MirrorIoError>>,
     /// Reused copy buffers, so the copier does not allocate (and zero) a
     /// fresh buffer per operation.
-    buffers: Mutex<Vec<AlignedBuf>>,
+    buffers: Mutex<Vec<Vec<u8>>>,
     /// Held by a copy while it waits for its turn at the target (the
     /// target's write limit): at most one copy is queued there at a time,
     /// so a guest write never queues behind more than one copy operation.
@@ -492,6 +491,20 @@ impl ActiveMirror {
     /// Marks every chunk dirty (sync = full).
     pub fn mark_all_dirty(&self) {
         self.bitmap().set_all();
+    }
+
+    /// Marks dirty the chunks `saved` marks (a bitmap saved at shutdown);
+    /// one of another length (never written by this job) marks everything.
+    pub fn mark_from(&self, saved: &DirtyBitmap) {
+        let mut bm = self.bitmap();
+        if bm.merge(saved).is_err() {
+            bm.set_all();
+        }
+    }
+
+    /// The dirty bitmap, serialised (for a resume after a clean shutdown).
+    pub fn bitmap_bytes(&self) -> Vec<u8> {
+        self.bitmap().to_bytes()
     }
 
     /// The first dirty chunk at or after `from`, and the end of its run
@@ -811,7 +824,7 @@ fn copy_blocking(
     dst: &dyn BlockBackend,
     off: u64,
     len: u64,
-    buf: &mut AlignedBuf,
+    buf: &mut Vec<u8>,
 ) -> Result<Copied, MirrorIoError> {
     let src_err = |error| MirrorIoError {
         side: Side::Source,
@@ -831,16 +844,16 @@ fn copy_blocking(
     }
     // A copy operation is at most 1 MiB (MAX_COPY_OP_BYTES), so it fits usize.
     let n = usize::try_from(len).map_err(|_| src_err(std::io::Error::other("copy too large")))?;
-    buf.resize(n);
-    let buf = buf.as_mut_slice();
+    if buf.len() != n {
+        buf.resize(n, 0);
+    }
     src.read_at(buf, off).map_err(src_err)?;
     if buf.iter().all(|&b| b == 0) {
         dst.write_zeroes(off, len, true)
             .map(|()| Copied::Zeroes)
             .map_err(tgt_err)
     } else {
-        // Aligned (the buffer, and chunks of at least 4 KiB), so a local
-        // file target takes it without the page cache.
+        // Not kept in the target's page cache (see `write_uncached`).
         dst.write_uncached(buf, off)
             .map(|()| Copied::Data)
             .map_err(tgt_err)

@@ -34,6 +34,7 @@ pub mod spec;
 pub mod state;
 
 use crate::backend::BlockBackend;
+use crate::bitmap::DirtyBitmap;
 use crate::error::Result;
 use crate::events::{EventKind, EventLog, Progress};
 use crate::store::{JobRecord, Store};
@@ -110,6 +111,9 @@ struct Shared {
     /// Bytes/s by which the dirty set shrank over the trend window (the
     /// runner's sampler); `None` until the window has filled.
     net_rate: Option<i64>,
+    /// The shutdown saved the dirty bitmap for a resume (see
+    /// `JobRecord::dirty_bitmap_saved`).
+    bitmap_saved: bool,
 }
 
 /// One mirror job.
@@ -134,9 +138,12 @@ pub struct Job {
     shutdown: CancellationToken,
     /// Saves the volume definitions (called at pivot, guest I/O drained).
     persist_volumes: PersistFn,
-    /// Restarted from its record after blockmirrord restarted: what the
-    /// target holds is unknown, so the whole source is copied again.
+    /// Restarted from its record after blockmirrord restarted.
     resumed: bool,
+    /// The dirty bitmap a clean shutdown saved, for a resumed job to start
+    /// from; a resumed job without one copies the whole source again (the
+    /// writes tracked before a crash died with the process). Taken at start.
+    resume_bitmap: Mutex<Option<DirtyBitmap>>,
     /// The source volume's file at the start (see `JobRecord::source_path`).
     source_path: String,
 }
@@ -165,6 +172,8 @@ pub(crate) struct JobParts {
     pub persist_volumes: PersistFn,
     /// `Some(created_at)` for a job resumed from its record.
     pub resumed_from: Option<SystemTime>,
+    /// The saved dirty bitmap of a job resumed after a clean shutdown.
+    pub resume_bitmap: Option<DirtyBitmap>,
 }
 
 impl Job {
@@ -186,11 +195,13 @@ impl Job {
                 copy_rate: 0,
                 dirty_rate: 0,
                 net_rate: None,
+                bitmap_saved: false,
             }),
             id: p.id,
             spec: p.spec,
             created_at: p.resumed_from.unwrap_or(now),
             resumed: p.resumed_from.is_some(),
+            resume_bitmap: Mutex::new(p.resume_bitmap),
             source_path: p.source.path(),
             changed: Notify::new(),
             status_tx: watch::channel(JobStatus::Created).0,
@@ -313,6 +324,7 @@ impl Job {
             created_at_ms: millis(self.created_at),
             source_path: Some(self.source_path.clone()),
             cancel_requested: s.cancel_requested.is_some(),
+            dirty_bitmap_saved: s.bitmap_saved,
         }
     }
 

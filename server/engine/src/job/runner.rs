@@ -265,22 +265,64 @@ impl Job {
                 () = tokio::time::sleep_until(paced_until.unwrap_or_else(Instant::now)), if paced_until.is_some() && copying => {}
             }
         }
-        // Shutdown: let copies finish, detach from the volume, keep the record.
+        // Shutdown: let copies finish, detach from the volume, keep the
+        // record (and the bitmap, for a job that will resume).
         while ops.join_next().await.is_some() {}
         let gate = self.source.drain().await;
         self.source.set_mirror(None);
+        let kept = self.record().is_resumable() && self.keep_bitmap().await;
         drop(gate);
+        self.lock().bitmap_saved = kept;
         self.save();
-        tracing::info!(job_id = %self.id, status = %self.status(), "job stopped for shutdown");
+        tracing::info!(job_id = %self.id, status = %self.status(), bitmap_saved = kept, "job stopped for shutdown");
+    }
+
+    /// Saves the dirty bitmap for the resume, with copies finished and guest
+    /// I/O drained (the caller holds the gate), so it is exact: both sides
+    /// are flushed first (a clean chunk is then equal *on disk*), and the
+    /// source refuses writes afterwards (they would be tracked nowhere).
+    /// False if any step failed: the resumed job then copies everything.
+    async fn keep_bitmap(&self) -> bool {
+        let source = Device::unthrottled(self.source.backend());
+        let target = Device::unthrottled(Arc::clone(&self.target_backend));
+        if let Err(e) = tokio::try_join!(source.flush(), target.flush()) {
+            tracing::warn!(job_id = %self.id, error = %e.chain(), "dirty bitmap not saved: flush failed; the job will copy everything when it resumes");
+            return false;
+        }
+        let bytes = self.mirror.bitmap_bytes();
+        let (store, id) = (Arc::clone(&self.store), self.id.clone());
+        let saved = tokio::task::spawn_blocking(move || store.save_bitmap(&id, &bytes)).await;
+        match saved {
+            Ok(Ok(())) => {
+                self.source.close_writes();
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(job_id = %self.id, error = %e.chain(), "dirty bitmap not saved; the job will copy everything when it resumes");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %self.id, error = %e, "dirty bitmap not saved; the job will copy everything when it resumes");
+                false
+            }
+        }
     }
 
     /// Sets up the bitmap and installs the write hook with guest I/O drained,
     /// so no guest write falls between the initial dirty set and the hook.
     async fn start(&self) {
         let gate = self.source.drain().await;
-        if self.resumed {
-            // The writes tracked before the restart are gone: every chunk
-            // may differ (whatever the sync mode), so all are dirty.
+        let saved = self
+            .resume_bitmap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(bitmap) = saved {
+            // A clean shutdown saved exactly what was left to copy.
+            self.mirror.mark_from(&bitmap);
+        } else if self.resumed {
+            // Resumed after a crash: the writes tracked before it are gone,
+            // so every chunk may differ (whatever the sync mode).
             self.mirror.mark_all_dirty();
         } else if self.spec.sync == SyncMode::Full {
             if self.target_backend.is_known_zero() {
