@@ -204,11 +204,15 @@ async fn attach_volume_refuses_bad_paths() {
     let good = server.path("good.raw");
     std::fs::write(&good, vec![0x3c; 64 << 10]).unwrap();
     let good = good.to_str().unwrap();
+    let odd_size = server.path("odd.raw");
+    std::fs::write(&odd_size, vec![0x3c; 4096 + 100]).unwrap();
     refused(
-        "direct_io",
-        c.volumes.attach_volume(attach_req("g", good, true)).await,
+        "direct_io on a size off the block",
+        c.volumes
+            .attach_volume(attach_req("o", odd_size.to_str().unwrap(), true))
+            .await,
         Code::InvalidArgument,
-        &["direct I/O", "not supported yet"],
+        &["odd.raw", "not a multiple"],
     );
     refused(
         "bad name",

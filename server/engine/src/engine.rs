@@ -1,7 +1,7 @@
 //! The engine: the registry of volumes and jobs, their persistence, and the
 //! entry points the front ends (gRPC, NBD) call.
 
-use crate::backend::{BlockBackend, FileBackend, NbdBackend, NbdUri};
+use crate::backend::{BlockBackend, CacheMode, FileBackend, NbdBackend, NbdUri};
 use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
@@ -46,6 +46,8 @@ pub struct VolumeInfo {
     pub limits: RateLimits,
     /// The job using it, if any.
     pub job_id: Option<String>,
+    /// Opened with `O_DIRECT`.
+    pub direct_io: bool,
 }
 
 type Registry<T> = Arc<Mutex<BTreeMap<String, T>>>;
@@ -83,6 +85,7 @@ fn volume_info(v: &Volume) -> VolumeInfo {
         block_size_bytes: v.block_size(),
         limits: v.limits(),
         job_id: v.user().map(|(j, _)| j),
+        direct_io: v.is_direct(),
     }
 }
 
@@ -93,6 +96,7 @@ fn save_volumes(store: &Store, volumes: &Mutex<BTreeMap<String, Arc<Volume>>>) -
             name: v.name().to_owned(),
             path: PathBuf::from(v.path()),
             limits: v.limits(),
+            direct_io: v.is_direct(),
         })
         .collect();
     store.save_volumes(&records)
@@ -123,14 +127,22 @@ fn is_nbd_uri(path: &str) -> bool {
     path.starts_with("nbd://") || path.starts_with("nbd+unix://")
 }
 
-fn open_file(path: &Path) -> Result<Arc<dyn BlockBackend>> {
+fn open_file(path: &Path, mode: CacheMode) -> Result<Arc<dyn BlockBackend>> {
     if let Some(uri) = path.to_str().filter(|p| is_nbd_uri(p)) {
         let parsed = NbdUri::parse(uri)?;
         return NbdBackend::connect(&parsed).map(|b| Arc::new(b) as Arc<dyn BlockBackend>);
     }
-    let b = FileBackend::open(path)
+    let b = FileBackend::open(path, mode)
         .map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
     Ok(Arc::new(b))
+}
+
+fn cache_mode(direct_io: bool) -> CacheMode {
+    if direct_io {
+        CacheMode::Direct
+    } else {
+        CacheMode::Buffered
+    }
 }
 
 impl Engine {
@@ -143,7 +155,7 @@ impl Engine {
         let observer = Observer::default();
         let mut volumes = BTreeMap::new();
         for rec in store.load_volumes()? {
-            match open_file(&rec.path) {
+            match open_file(&rec.path, cache_mode(rec.direct_io)) {
                 Ok(backend) => {
                     let v = Volume::new(rec.name.clone(), backend, rec.limits, observer.clone());
                     volumes.insert(rec.name, v);
@@ -295,7 +307,7 @@ impl Engine {
                 format!("volume {name:?} already exists"),
             ));
         }
-        let backend = FileBackend::create(&path, size).map_err(|e| {
+        let backend = FileBackend::create(&path, size, CacheMode::Buffered).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 EngineError::new(
                     ErrorKind::AlreadyExists,
@@ -318,24 +330,28 @@ impl Engine {
     pub fn attach_volume(&self, name: &str, path: &Path, direct_io: bool) -> Result<VolumeInfo> {
         self.check_open()?;
         validate_name("volume name", name)?;
-        if direct_io {
-            return Err(EngineError::invalid(
-                "direct I/O (O_DIRECT) is not supported yet",
-            ));
-        }
         if path.as_os_str().is_empty() {
             return Err(EngineError::invalid("path is empty"));
         }
         if let Ok(v) = self.volume(name) {
-            if Path::new(&v.path()) == path {
+            if Path::new(&v.path()) == path && v.is_direct() == direct_io {
                 return Ok(volume_info(&v));
             }
+            let how = if v.is_direct() { "with" } else { "without" };
             return Err(EngineError::new(
                 ErrorKind::AlreadyExists,
-                format!("volume {name:?} already exists"),
+                format!(
+                    "volume {name:?} already exists (on {}, {how} direct I/O)",
+                    v.path()
+                ),
             ));
         }
-        let backend = open_file(path)?;
+        if direct_io && path.to_str().is_some_and(is_nbd_uri) {
+            return Err(EngineError::invalid(
+                "direct I/O applies to files and block devices, not NBD URIs",
+            ));
+        }
+        let backend = open_file(path, cache_mode(direct_io))?;
         if backend.size() == 0 {
             return Err(EngineError::invalid(format!(
                 "{} is empty (0 bytes)",
@@ -673,8 +689,11 @@ impl Engine {
                 if path.exists() && Path::new(&source.path()) == path.as_path() {
                     return Err(EngineError::invalid("target file is the source's own file"));
                 }
+                // The target becomes the volume's backend at the pivot, so
+                // it is opened the way the source is.
+                let mode = cache_mode(source.is_direct());
                 let backend: Arc<dyn BlockBackend> = if path.exists() {
-                    let b = open_file(path)?;
+                    let b = open_file(path, mode)?;
                     if b.size() != size {
                         return Err(EngineError::invalid(format!(
                             "target file {} has {} bytes; the source has {size}",
@@ -684,7 +703,7 @@ impl Engine {
                     }
                     b
                 } else {
-                    Arc::new(FileBackend::create(path, size).map_err(|e| {
+                    Arc::new(FileBackend::create(path, size, mode).map_err(|e| {
                         EngineError::io(format!("creating target file {}", path.display()), e)
                     })?)
                 };

@@ -25,6 +25,9 @@ pub struct VolumeRecord {
     /// Write limits.
     #[serde(default)]
     pub limits: RateLimits,
+    /// Opened with `O_DIRECT`.
+    #[serde(default)]
+    pub direct_io: bool,
 }
 
 /// A volume exported over NBD.

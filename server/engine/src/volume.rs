@@ -117,7 +117,12 @@ impl Volume {
 
     /// Logical block size guests should use.
     pub fn block_size(&self) -> u32 {
-        512
+        self.backend().block_size()
+    }
+
+    /// True when the backend bypasses the page cache (`O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        self.backend().is_direct()
     }
 
     /// Write limits now in force.

@@ -35,7 +35,7 @@ pub fn volume(v: VolumeInfo) -> v1::Volume {
             write_iops: v.limits.ops_per_sec,
         }),
         job_id: v.job_id.unwrap_or_default(),
-        direct_io: false,
+        direct_io: v.direct_io,
     }
 }
 

@@ -213,8 +213,12 @@ pub(crate) enum VolumeCmd {
             conflicts_with = "uri"
         )]
         path: Option<PathBuf>,
-        /// Open it with O_DIRECT (needs a filesystem that supports it; not
-        /// tmpfs). Only with --path.
+        /// Open it with O_DIRECT: no host page cache, so a guest's flush
+        /// waits only on the device's cache. Any byte range may still be
+        /// written (unaligned writes cost a read-modify-write of their
+        /// edge blocks); the size must be a multiple of the device's
+        /// direct-I/O block. A mirror's new file target is opened the same
+        /// way. Only with --path.
         #[arg(long, conflicts_with = "uri")]
         direct: bool,
         /// A remote NBD export instead of a file (passed to the server as

@@ -5,11 +5,12 @@
 //! a runtime worker — except [`BlockBackend::read_cached`], which by contract
 //! never waits on storage.
 
+mod direct;
 mod file;
 mod mem;
 mod nbd;
 
-pub use file::FileBackend;
+pub use file::{CacheMode, FileBackend};
 pub use mem::MemBackend;
 pub use nbd::{NbdBackend, NbdUri};
 
@@ -78,6 +79,15 @@ pub trait BlockBackend: Send + Sync + fmt::Debug + 'static {
     /// short-I/O pool; false for anything that waits on a network.
     fn is_local(&self) -> bool {
         false
+    }
+    /// True when the backend bypasses the page cache (`O_DIRECT`).
+    fn is_direct(&self) -> bool {
+        false
+    }
+    /// The block size guests should write in: requests of whole, aligned
+    /// blocks avoid a read-modify-write (direct I/O).
+    fn block_size(&self) -> u32 {
+        512
     }
     /// True when the whole device is known to read as zeroes (a fresh
     /// sparse file), so a full mirror onto it can skip the source's holes.
