@@ -154,7 +154,9 @@ class BmEngine:
     family = "bm"
     JOB = "cv"
 
-    def __init__(self, bin_dir, granularity=None, buf_size=None):
+    def __init__(self, bin_dir, granularity=None, buf_size=None,
+                 direct=False):
+        self.direct = direct
         self.bmd = os.path.join(bin_dir, "blockmirrord")
         self.ctlbin = os.path.join(bin_dir, "mirrorctl")
         self.granularity, self.buf_size = granularity, buf_size
@@ -197,8 +199,9 @@ class BmEngine:
                 raise RuntimeError("blockmirrord did not start (see "
                                    "blockmirrord.log in the work dir)")
             time.sleep(0.03)
-        self.ctl("volume", "attach", "src", "--path", src_path)
-        self.ctl("volume", "attach", "dst", "--path", tgt_path)
+        direct = ["--direct"] if self.direct else []
+        self.ctl("volume", "attach", "src", "--path", src_path, *direct)
+        self.ctl("volume", "attach", "dst", "--path", tgt_path, *direct)
         self.slow_bps = slow_target_bps
         if slow_target_bps:
             # a plain number is bytes/s (20M would be 20 MiB/s)
@@ -503,7 +506,8 @@ class Bench:
         if family == "qemu":
             return make_qemu_engine(self.a.qemu_cache == "direct",
                                     self.a.granularity, self.a.buf_size)
-        return BmEngine(self.a.bin_dir, self.a.granularity, self.a.buf_size)
+        return BmEngine(self.a.bin_dir, self.a.granularity, self.a.buf_size,
+                        self.a.bm_cache == "direct")
 
     def source(self, size):
         if size not in self.sources:
@@ -1318,7 +1322,9 @@ def markdown(res, a):
             f"{res['versions'].get('binaries_built')}, work tree at start "
             f"{res['versions'].get('git')}); {res['versions'].get('qemu')};"
             f" {res['versions'].get('fio')} writer {res['writer']}; QEMU "
-            f"cache {a.qemu_cache}; {res['date']}; {res['total_s']:.0f} s.")
+            f"cache {a.qemu_cache}; blockmirror volumes "
+            f"{getattr(a, 'bm_cache', 'buffered')}; {res['date']}; "
+            f"{res['total_s']:.0f} s.")
     return "\n\n".join(p for p in parts if p) + "\n\n" + foot
 
 
@@ -1460,6 +1466,11 @@ def main():
                     choices=["direct", "buffered"],
                     help="QEMU images: cache.direct=on aio=native (the "
                          "shared harness's peer) or page cache")
+    ap.add_argument("--bm-cache", default="buffered",
+                    choices=["direct", "buffered"],
+                    help="blockmirror volumes: page cache (default) or "
+                         "`volume attach --direct` (O_DIRECT, like QEMU's "
+                         "cache.direct=on)")
     ap.add_argument("--mirror-args", default="",
                     help="extra `mirrorctl mirror start` options for "
                     "blockmirror, e.g. '--copier-share 50'")
