@@ -49,6 +49,7 @@ use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
 use crate::error::{EngineError, Result};
+use crate::job::hot::HotRegions;
 use crate::job::spec::CopyMode;
 use crate::limits::{InflightBudget, InflightPermit};
 use crate::observe::{JobObserver, WriteTiming, timed};
@@ -226,6 +227,8 @@ pub struct ActiveMirror {
     footprint_on: AtomicBool,
     /// Bytes of chunks newly touched since the runner last took them.
     footprint_bytes: AtomicU64,
+    /// Regions guests wrote recently: the first pass copies them last.
+    pub(crate) hot: HotRegions,
     /// Guest write cap during convergence, when the runner turns it on.
     guest_throttle: Throttle,
     /// Whether `guest_throttle` applies now (set by the runner).
@@ -295,6 +298,7 @@ impl ActiveMirror {
             footprint: Mutex::new(None),
             footprint_on: AtomicBool::new(false),
             footprint_bytes: AtomicU64::new(0),
+            hot: HotRegions::new(size, granularity),
             guest_throttle: Throttle::default(),
             guest_throttle_on: AtomicBool::new(false),
             latency: LatencyCounters::default(),
@@ -578,6 +582,7 @@ impl ActiveMirror {
         }
         self.last_guest_write_ms
             .store(self.now_ms().max(1), Ordering::Release);
+        self.hot.touch(offset, len);
         if self.footprint_on.load(Ordering::Relaxed) {
             self.note_footprint(first, end);
         }

@@ -28,6 +28,7 @@
 //! I/O go on — the guest-visible pause is the time the gate was held.
 
 pub mod active;
+pub mod hot;
 pub mod policy;
 mod runner;
 pub mod spec;

@@ -34,6 +34,8 @@ const ACTIVE_COPY_OP_BYTES: u64 = 256 << 10;
 /// ... and at most this many in flight (one doing I/O, one waiting its turn).
 const ACTIVE_COPY_OPS: usize = 2;
 /// Pause before retrying after a copy error the policy let pass.
+/// A region guests wrote counts as hot for one to two of these (`hot.rs`).
+const HOT_WINDOW: Duration = Duration::from_secs(1);
 const ERROR_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 type CopyResult = (u64, u64, Result<u64, MirrorIoError>);
@@ -83,11 +85,27 @@ struct Cursor {
     next: u64,
     /// Chunk runs handed to copy tasks still in flight.
     claimed: Vec<(u64, u64)>,
+    /// Set when a look for cold runs found none: the hot set is all that
+    /// is left, so the next looks (each walks all of it) wait until then.
+    cold_exhausted_until: Option<Instant>,
 }
 
 impl Cursor {
     /// The next dirty run not already claimed, wrapping once to the start.
-    fn pick(&mut self, job: &Job, max_chunks: u64) -> Option<(u64, u64)> {
+    /// With `defer_hot`, runs in regions guests wrote recently are passed
+    /// over while any other is dirty (see `hot.rs`).
+    fn pick(&mut self, job: &Job, max_chunks: u64, defer_hot: bool) -> Option<(u64, u64)> {
+        if defer_hot && self.cold_exhausted_until.is_none_or(|t| Instant::now() >= t) {
+            if let Some(run) = self.scan(job, max_chunks, true) {
+                return Some(run);
+            }
+            self.cold_exhausted_until = Some(Instant::now() + HOT_WINDOW);
+        }
+        self.scan(job, max_chunks, false)
+    }
+
+    fn scan(&mut self, job: &Job, max_chunks: u64, skip_hot: bool) -> Option<(u64, u64)> {
+        let mirror = &job.mirror;
         for wrapped in [false, true] {
             if wrapped {
                 if self.next == 0 {
@@ -96,13 +114,18 @@ impl Cursor {
                 self.next = 0;
             }
             let mut from = self.next;
-            while let Some((start, end)) = job.mirror.next_dirty_run(from, max_chunks) {
+            while let Some((start, end)) = mirror.next_dirty_run(from, max_chunks) {
                 if let Some(&(_, c_end)) = self
                     .claimed
                     .iter()
                     .find(|(cs, ce)| *cs <= start && start < *ce)
                 {
                     from = c_end;
+                    continue;
+                }
+                let (offset, _) = mirror.byte_span(start, start + 1);
+                if skip_hot && mirror.hot.is_hot(offset) {
+                    from = mirror.hot.region_end(offset) / mirror.granularity();
                     continue;
                 }
                 let end = self
@@ -152,7 +175,9 @@ impl Job {
         let mut cursor = Cursor {
             next: 0,
             claimed: Vec::new(),
+            cold_exhausted_until: None,
         };
+        let mut hot_rotated = Instant::now();
         let mut ops: JoinSet<CopyResult> = JoinSet::new();
         let mut retry_at: Option<Instant> = None;
         let mut pacer = Pacer::default();
@@ -189,8 +214,10 @@ impl Job {
                 } else {
                     (MAX_COPY_OPS, op_chunks)
                 };
+                // The first pass leaves the guests' working set for last.
+                let defer_hot = guests_active && status == JobStatus::Running;
                 while ops.len() < max_ops {
-                    let Some((start, end)) = cursor.pick(&self, max_chunks) else {
+                    let Some((start, end)) = cursor.pick(&self, max_chunks, defer_hot) else {
                         break;
                     };
                     let (off, stop) = self.mirror.byte_span(start, end);
@@ -254,7 +281,13 @@ impl Job {
                 }
                 () = self.changed.notified() => {}
                 () = self.mirror.wake.notified() => {}
-                _ = tick.tick() => self.sample(&mut sampler, started),
+                _ = tick.tick() => {
+                    self.sample(&mut sampler, started);
+                    if hot_rotated.elapsed() >= HOT_WINDOW {
+                        self.mirror.hot.rotate();
+                        hot_rotated = Instant::now();
+                    }
+                }
                 p = async {
                     match want_budget {
                         Some((true, n)) => self.mirror.copy_share.acquire(n).await,
