@@ -43,7 +43,10 @@
 //!   (`runner.rs`);
 //! - the copier's time: while guests write it rests between operations so
 //!   that copy I/O takes at most `copier_time_share` of the time
-//!   (`copy_busy_us`, read by the runner's pacer).
+//!   (`copy_busy_us`, read by the runner's pacer);
+//! - the copier's order: the first pass copies the regions guests wrote
+//!   recently last (`hot.rs`), so their writes stay source-only for as
+//!   long as possible.
 
 use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;

@@ -73,9 +73,10 @@ impl HotRegions {
             return false;
         };
         let bit = 1 << (region % 64);
-        self.generations
-            .iter()
-            .any(|g| g.get(word).is_some_and(|w| w.load(Ordering::Relaxed) & bit != 0))
+        self.generations.iter().any(|g| {
+            g.get(word)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & bit != 0)
+        })
     }
 
     /// The first byte after the region holding byte `offset`.
@@ -111,7 +112,10 @@ mod tests {
         assert!(hot.is_hot(3 << 20), "still hot in the next window");
         hot.touch(10 << 20, 1);
         hot.rotate();
-        assert!(!hot.is_hot(3 << 20), "cold after two windows without a write");
+        assert!(
+            !hot.is_hot(3 << 20),
+            "cold after two windows without a write"
+        );
         assert!(hot.is_hot(10 << 20));
         hot.rotate();
         assert!(!hot.is_hot(10 << 20));

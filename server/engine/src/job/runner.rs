@@ -95,7 +95,11 @@ impl Cursor {
     /// With `defer_hot`, runs in regions guests wrote recently are passed
     /// over while any other is dirty (see `hot.rs`).
     fn pick(&mut self, job: &Job, max_chunks: u64, defer_hot: bool) -> Option<(u64, u64)> {
-        if defer_hot && self.cold_exhausted_until.is_none_or(|t| Instant::now() >= t) {
+        if defer_hot
+            && self
+                .cold_exhausted_until
+                .is_none_or(|t| Instant::now() >= t)
+        {
             if let Some(run) = self.scan(job, max_chunks, true) {
                 return Some(run);
             }
