@@ -713,8 +713,8 @@ def main():
                     help=f"comma list from {','.join(ALL_CONTENDERS)} "
                          f"(default {','.join(CONTENDERS)})")
     ap.add_argument("--bm-direct", action="store_true",
-                    help="attach the source with `--direct` (O_DIRECT), "
-                         "if the server supports it")
+                    help="attach the source with `--direct` (O_DIRECT); "
+                         "its new target file is opened the same way")
     ap.add_argument("--timeout", type=float, default=600,
                     help="per-job timeout in seconds")
     args = ap.parse_args()

@@ -16,18 +16,21 @@
 //! - [`observe`]: I/O and job records for an observer (telemetry), and
 //!   per-job write latency histograms.
 //! - [`latency`]: the lock-free log-bucketed latency histogram.
-//! - [`backend`]: block backends (raw file / block device, remote NBD
-//!   export, memory).
+//! - [`backend`]: block backends (raw file / block device, optionally
+//!   `O_DIRECT`, remote NBD export, memory).
+//! - [`aligned`]: page-aligned buffers for direct I/O.
 //! - [`device`]: async access to a backend (inline cached reads, the
 //!   short-I/O pool, or tokio's blocking pool).
 //! - [`events`]: the numbered event log with replay.
 //! - [`store`]: the state directory.
 //! - [`names`]: name validation.
 //! - [`error`]: the engine's error type.
-// One audited exception: `preadv2(RWF_NOWAIT)` in backend/file.rs.
+// Audited exceptions: `preadv2`/`pwritev2` with flags in backend/file.rs,
+// `statx` in backend/direct.rs.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod aligned;
 pub mod backend;
 pub mod bitmap;
 pub mod device;

@@ -369,7 +369,7 @@ where
                 // request buffers included: wait for its budget before
                 // reading the payload, so the client feels the bound.
                 let reserved = sel.volume.reserve_write(u64::from(req.length)).await;
-                let mut buf = BytesMut::zeroed(req.length as usize);
+                let mut buf = payload_buffer(&sel, req.length as usize);
                 if let Err(e) = rd.read_exact(&mut buf).await {
                     break Err(e.into());
                 }
@@ -438,6 +438,16 @@ enum Payload {
 /// of 32 (the job's memory bound holds whatever the request size).
 const WRITE_SLICE_BYTES: u32 = 1 << 20;
 
+/// A buffer for a write's payload: page-aligned for a direct-I/O volume, so
+/// the write reaches the device without a bounce copy.
+fn payload_buffer(sel: &Selected, len: usize) -> BytesMut {
+    if sel.volume.is_direct() {
+        blockmirror_engine::aligned::zeroed_bytes(len)
+    } else {
+        BytesMut::zeroed(len)
+    }
+}
+
 /// Reads a big write's payload slice by slice; each slice waits for the
 /// mirror budget before it is read and is written while the next one is
 /// read. A write the request task will refuse is read and dropped.
@@ -458,7 +468,7 @@ async fn read_sliced_write<R: AsyncRead + Unpin>(
             sel.volume.reserve_write(n).await
         };
         // n <= WRITE_SLICE_BYTES, which fits usize.
-        let mut buf = BytesMut::zeroed(usize::try_from(n).unwrap_or(usize::MAX));
+        let mut buf = payload_buffer(sel, usize::try_from(n).unwrap_or(usize::MAX));
         rd.read_exact(&mut buf).await?;
         if !refused {
             let volume = Arc::clone(&sel.volume);

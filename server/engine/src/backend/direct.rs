@@ -15,6 +15,7 @@
 //! as it was before the first; so every write holds its block-aligned span
 //! ([`SpanLocks`]) until it is done.
 
+use crate::aligned::AlignedBuf;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -22,7 +23,7 @@ use std::sync::{Condvar, Mutex};
 
 /// Most bytes one bounce buffer holds; longer unaligned requests go in
 /// pieces of this size, so the extra memory per request stays small.
-const BOUNCE_BYTES: u64 = 256 << 10;
+const BOUNCE_BYTES: u64 = 64 << 10;
 
 /// Alignment assumed when the kernel cannot report it (before Linux 6.1):
 /// a page, which every device that takes direct I/O accepts.
@@ -101,11 +102,14 @@ impl DirectIo {
         }
         let end = offset + buf.len() as u64;
         let (start, span_end) = self.span(offset, buf.len() as u64);
-        let mut bounce = AlignedBuf::new((span_end - start).min(self.piece_bytes), self.mem_align);
+        let mut bounce = AlignedBuf::new(
+            idx((span_end - start).min(self.piece_bytes)),
+            self.mem_align,
+        );
         let mut pos = start;
         while pos < span_end {
             let piece_end = (pos + self.piece_bytes).min(span_end);
-            let piece = bounce.window(piece_end - pos);
+            let piece = bounce.window(idx(piece_end - pos));
             file.read_exact_at(piece, pos)?;
             let (from, to) = (offset.max(pos), end.min(piece_end));
             buf[idx(from - offset)..idx(to - offset)]
@@ -128,11 +132,14 @@ impl DirectIo {
             return file.write_all_at(buf, offset);
         }
         let a = self.offset_align;
-        let mut bounce = AlignedBuf::new((span_end - start).min(self.piece_bytes), self.mem_align);
+        let mut bounce = AlignedBuf::new(
+            idx((span_end - start).min(self.piece_bytes)),
+            self.mem_align,
+        );
         let mut pos = start;
         while pos < span_end {
             let piece_end = (pos + self.piece_bytes).min(span_end);
-            let piece = bounce.window(piece_end - pos);
+            let piece = bounce.window(idx(piece_end - pos));
             let (from, to) = (offset.max(pos), end.min(piece_end));
             // Only the first piece can start, and only the last end, inside
             // a block; one block can be both.
@@ -194,25 +201,6 @@ fn dio_alignment(file: &File) -> io::Result<(u32, u32)> {
         return Ok((FALLBACK_ALIGN, FALLBACK_ALIGN));
     }
     Ok((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
-}
-
-/// A zeroed byte buffer whose start is aligned for direct I/O.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: u64, align: usize) -> Self {
-        let raw = vec![0u8; idx(len) + align];
-        let start = (align - raw.as_ptr().addr() % align) % align;
-        Self { raw, start }
-    }
-
-    /// The first `len` aligned bytes.
-    fn window(&mut self, len: u64) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + idx(len)]
-    }
 }
 
 /// Block spans held by writes in progress. A writer waits until no held

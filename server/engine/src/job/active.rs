@@ -48,6 +48,7 @@
 //!   recently last (`hot.rs`), so their writes stay source-only for as
 //!   long as possible.
 
+use crate::aligned::{self, AlignedBuf};
 use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
@@ -208,7 +209,7 @@ pub struct ActiveMirror {
     errors: Mutex<VecDeque<MirrorIoError>>,
     /// Reused copy buffers, so the copier does not allocate (and zero) a
     /// fresh buffer per operation.
-    buffers: Mutex<Vec<Vec<u8>>>,
+    buffers: Mutex<Vec<AlignedBuf>>,
     /// Held by a copy while it waits for its turn at the target (the
     /// target's write limit): at most one copy is queued there at a time,
     /// so a guest write never queues behind more than one copy operation.
@@ -832,7 +833,7 @@ fn copy_blocking(
     dst: &dyn BlockBackend,
     off: u64,
     len: u64,
-    buf: &mut Vec<u8>,
+    buf: &mut AlignedBuf,
 ) -> Result<Copied, MirrorIoError> {
     let src_err = |error| MirrorIoError {
         side: Side::Source,
@@ -852,9 +853,11 @@ fn copy_blocking(
     }
     // A copy operation is at most 1 MiB (MAX_COPY_OP_BYTES), so it fits usize.
     let n = usize::try_from(len).map_err(|_| src_err(std::io::Error::other("copy too large")))?;
-    if buf.len() != n {
-        buf.resize(n, 0);
+    if buf.capacity() < n {
+        // Aligned, so a direct-I/O source and target take it as it is.
+        *buf = AlignedBuf::new(n, aligned::ALIGN);
     }
+    let buf = buf.window(n);
     src.read_at(buf, off).map_err(src_err)?;
     if buf.iter().all(|&b| b == 0) {
         dst.write_zeroes(off, len, true)
