@@ -100,23 +100,13 @@ impl DirectIo {
         if self.is_aligned(buf, offset) {
             return file.read_exact_at(buf, offset);
         }
-        let end = offset + buf.len() as u64;
-        let (start, span_end) = self.span(offset, buf.len() as u64);
-        let mut bounce = AlignedBuf::new(
-            idx((span_end - start).min(self.piece_bytes)),
-            self.mem_align,
-        );
-        let mut pos = start;
-        while pos < span_end {
-            let piece_end = (pos + self.piece_bytes).min(span_end);
-            let piece = bounce.window(idx(piece_end - pos));
+        let len = buf.len() as u64;
+        self.for_each_piece(offset, len, |piece, pos, (from, to)| {
             file.read_exact_at(piece, pos)?;
-            let (from, to) = (offset.max(pos), end.min(piece_end));
             buf[idx(from - offset)..idx(to - offset)]
                 .copy_from_slice(&piece[idx(from - pos)..idx(to - pos)]);
-            pos = piece_end;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Writes all of `buf` at `offset` (any alignment); partly covered
@@ -125,22 +115,14 @@ impl DirectIo {
         if buf.is_empty() {
             return Ok(());
         }
-        let end = offset + buf.len() as u64;
         let (start, span_end) = self.span(offset, buf.len() as u64);
         let _span = self.spans.lock(start, span_end);
         if self.is_aligned(buf, offset) {
             return file.write_all_at(buf, offset);
         }
         let a = self.offset_align;
-        let mut bounce = AlignedBuf::new(
-            idx((span_end - start).min(self.piece_bytes)),
-            self.mem_align,
-        );
-        let mut pos = start;
-        while pos < span_end {
-            let piece_end = (pos + self.piece_bytes).min(span_end);
-            let piece = bounce.window(idx(piece_end - pos));
-            let (from, to) = (offset.max(pos), end.min(piece_end));
+        self.for_each_piece(offset, buf.len() as u64, |piece, pos, (from, to)| {
+            let piece_end = pos + piece.len() as u64;
             // Only the first piece can start, and only the last end, inside
             // a block; one block can be both.
             let head_partial = from > pos;
@@ -153,7 +135,30 @@ impl DirectIo {
             }
             piece[idx(from - pos)..idx(to - pos)]
                 .copy_from_slice(&buf[idx(from - offset)..idx(to - offset)]);
-            file.write_all_at(piece, pos)?;
+            file.write_all_at(piece, pos)
+        })
+    }
+
+    /// Walks the whole blocks under `[offset, offset + len)` in bounce
+    /// pieces: `f(piece, piece_offset, (from, to))` gets an aligned buffer
+    /// as long as the piece and the part `[from, to)` of the request in it.
+    fn for_each_piece(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&mut [u8], u64, (u64, u64)) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let end = offset + len;
+        let (start, span_end) = self.span(offset, len);
+        let mut bounce = AlignedBuf::new(
+            idx((span_end - start).min(self.piece_bytes)),
+            self.mem_align,
+        );
+        let mut pos = start;
+        while pos < span_end {
+            let piece_end = (pos + self.piece_bytes).min(span_end);
+            let piece = bounce.window(idx(piece_end - pos));
+            f(piece, pos, (offset.max(pos), end.min(piece_end)))?;
             pos = piece_end;
         }
         Ok(())
