@@ -17,10 +17,14 @@ pub const ALIGN: usize = 4096;
 /// front end to read a guest's payload into.
 pub fn zeroed_bytes(len: usize) -> BytesMut {
     let mut b = BytesMut::zeroed(len + ALIGN);
-    let skip = (ALIGN - b.as_ptr().addr() % ALIGN) % ALIGN;
-    b.advance(skip);
+    b.advance(bytes_to_alignment(b.as_ptr(), ALIGN));
     b.truncate(len);
     b
+}
+
+/// How many bytes after `ptr` the next multiple of `align` starts.
+fn bytes_to_alignment(ptr: *const u8, align: usize) -> usize {
+    (align - ptr.addr() % align) % align
 }
 
 /// A reusable zeroed buffer with an aligned window.
@@ -34,7 +38,7 @@ impl AlignedBuf {
     /// Room for `len` bytes starting at a multiple of `align`.
     pub(crate) fn new(len: usize, align: usize) -> Self {
         let raw = vec![0u8; len + align];
-        let start = (align - raw.as_ptr().addr() % align) % align;
+        let start = bytes_to_alignment(raw.as_ptr(), align);
         Self { raw, start }
     }
 

@@ -137,14 +137,6 @@ fn open_file(path: &Path, mode: CacheMode) -> Result<Arc<dyn BlockBackend>> {
     Ok(Arc::new(b))
 }
 
-fn cache_mode(direct_io: bool) -> CacheMode {
-    if direct_io {
-        CacheMode::Direct
-    } else {
-        CacheMode::Buffered
-    }
-}
-
 impl Engine {
     /// Opens the state directory and restores volumes and job records.
     ///
@@ -155,7 +147,7 @@ impl Engine {
         let observer = Observer::default();
         let mut volumes = BTreeMap::new();
         for rec in store.load_volumes()? {
-            match open_file(&rec.path, cache_mode(rec.direct_io)) {
+            match open_file(&rec.path, CacheMode::from_direct_io(rec.direct_io)) {
                 Ok(backend) => {
                     let v = Volume::new(rec.name.clone(), backend, rec.limits, observer.clone());
                     volumes.insert(rec.name, v);
@@ -351,7 +343,7 @@ impl Engine {
                 "direct I/O applies to files and block devices, not NBD URIs",
             ));
         }
-        let backend = open_file(path, cache_mode(direct_io))?;
+        let backend = open_file(path, CacheMode::from_direct_io(direct_io))?;
         if backend.size() == 0 {
             return Err(EngineError::invalid(format!(
                 "{} is empty (0 bytes)",
@@ -691,7 +683,7 @@ impl Engine {
                 }
                 // The target becomes the volume's backend at the pivot, so
                 // it is opened the way the source is.
-                let mode = cache_mode(source.is_direct());
+                let mode = CacheMode::from_direct_io(source.is_direct());
                 let backend: Arc<dyn BlockBackend> = if path.exists() {
                     let b = open_file(path, mode)?;
                     if b.size() != size {
@@ -973,19 +965,26 @@ mod tests {
         }
     }
 
-    /// A job paused before its runner started (still `created`) becomes
-    /// `paused` when the runner starts, through `running` (created → paused
-    /// is not a transition), and copies nothing until resumed.
-    #[tokio::test]
-    async fn a_job_paused_while_created_starts_paused() {
+    /// An engine on a fresh state directory (kept alive by the returned
+    /// guard) with volumes `src` and `dst` of `size` bytes.
+    fn engine_with_volumes(size: u64) -> (tempfile::TempDir, Arc<Engine>) {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let engine = Engine::open(EngineConfig {
             state_dir: dir.path().join("state"),
             event_history: 64,
         })
         .unwrap();
-        engine.create_volume("src", 1 << 20, None).unwrap();
-        engine.create_volume("dst", 1 << 20, None).unwrap();
+        engine.create_volume("src", size, None).unwrap();
+        engine.create_volume("dst", size, None).unwrap();
+        (dir, engine)
+    }
+
+    /// A job paused before its runner started (still `created`) becomes
+    /// `paused` when the runner starts, through `running` (created → paused
+    /// is not a transition), and copies nothing until resumed.
+    #[tokio::test]
+    async fn a_job_paused_while_created_starts_paused() {
+        let (_dir, engine) = engine_with_volumes(1 << 20);
         let job = engine.start_mirror("j", spec()).await.unwrap();
         // The runner task has not run yet on this single-threaded runtime.
         assert_eq!(job.status, JobStatus::Created);
@@ -1019,15 +1018,8 @@ mod tests {
     /// passed it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_first_pass_copies_the_guests_working_set_last() {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let engine = Engine::open(EngineConfig {
-            state_dir: dir.path().join("state"),
-            event_history: 64,
-        })
-        .unwrap();
         const SIZE: u64 = 16 << 20;
-        engine.create_volume("src", SIZE, None).unwrap();
-        engine.create_volume("dst", SIZE, None).unwrap();
+        let (_dir, engine) = engine_with_volumes(SIZE);
         let source = engine.volume("src").unwrap();
         for mib in 0..SIZE >> 20 {
             let data = bytes::Bytes::from(vec![7u8; 1 << 20]);

@@ -26,6 +26,17 @@ pub enum CacheMode {
     Direct,
 }
 
+impl CacheMode {
+    /// `Direct` when `direct_io` is set (the API's and the records' flag).
+    pub fn from_direct_io(direct_io: bool) -> Self {
+        if direct_io {
+            Self::Direct
+        } else {
+            Self::Buffered
+        }
+    }
+}
+
 /// A raw image file or a block device.
 #[derive(Debug)]
 pub struct FileBackend {
@@ -101,7 +112,8 @@ impl FileBackend {
 
     fn zero_fill(&self, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
-        let zeroes = vec![0u8; ZERO_FILL_CHUNK_BYTES];
+        // Aligned, so a direct-I/O file takes it without a bounce copy.
+        let zeroes = crate::aligned::zeroed_bytes(ZERO_FILL_CHUNK_BYTES);
         while offset < end {
             let n = usize::try_from(end - offset)
                 .unwrap_or(usize::MAX)
