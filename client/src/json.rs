@@ -114,6 +114,9 @@ pub fn volume_json(volume: &Volume) -> Value {
         },
         "job_id": non_empty(&volume.job_id),
         "direct_io": volume.direct_io,
+        "in_flight_bytes": volume.in_flight_bytes,
+        "peak_in_flight_bytes": volume.peak_in_flight_bytes,
+        "max_in_flight_bytes": volume.max_in_flight_bytes,
     })
 }
 
@@ -381,6 +384,9 @@ mod tests {
             }),
             job_id: String::new(),
             direct_io: false,
+            in_flight_bytes: 0,
+            peak_in_flight_bytes: 3 << 20,
+            max_in_flight_bytes: 16 << 20,
         };
         let v = volume_json(&vol);
         assert_eq!(v["name"], "v");
@@ -391,6 +397,8 @@ mod tests {
         assert_eq!(v["limits"]["write_iops"], 100);
         assert_eq!(v["job_id"], Value::Null);
         assert_eq!(v["direct_io"], false);
+        assert_eq!(v["peak_in_flight_bytes"], 3u64 << 20);
+        assert_eq!(v["max_in_flight_bytes"], 16u64 << 20);
     }
 
     #[test]

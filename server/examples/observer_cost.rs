@@ -14,7 +14,7 @@
 
 use blockmirror_engine::job::spec::CopyMode;
 use blockmirror_engine::observe::{GuestWrite, IoObserver, WriteKind, WriteTiming};
-use blockmirror_engine::{Engine, EngineConfig};
+use blockmirror_engine::{DEFAULT_VOLUME_INFLIGHT_BYTES, Engine, EngineConfig};
 use blockmirror_server::telemetry::metrics::WriteMetrics;
 use blockmirror_server::telemetry::observer::TelemetryObserver;
 use blockmirror_server::telemetry::prometheus::PullReader;
@@ -76,6 +76,7 @@ fn main() {
         let engine = Engine::open(EngineConfig {
             state_dir: dir.path().to_owned(),
             event_history: 16,
+            volume_inflight_bytes: DEFAULT_VOLUME_INFLIGHT_BYTES,
         })
         .expect("engine");
         let mut timing = WriteTiming::start();

@@ -95,6 +95,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub event_history: u64,
 
+    /// MiB of guest write payloads each volume holds at once while no
+    /// mirror job copies it (a job's buf_size bounds them while one does).
+    /// Past it, the NBD server stops reading that volume's requests.
+    #[arg(long, env = "BLOCKMIRROR_VOLUME_INFLIGHT_MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub volume_inflight_mib: u32,
+
     /// Seconds between WatchEvents heartbeats.
     #[arg(long, env = "BLOCKMIRROR_HEARTBEAT_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -163,6 +170,11 @@ impl Config {
         }
     }
 
+    /// [`Self::volume_inflight_mib`] in bytes.
+    pub fn volume_inflight_bytes(&self) -> u32 {
+        self.volume_inflight_mib.saturating_mul(1 << 20)
+    }
+
     /// Heartbeat period.
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs)
@@ -201,6 +213,8 @@ mod tests {
         assert_eq!(c.listeners().len(), 2);
         let c = Config::try_parse_from(["blockmirrord"]).unwrap();
         assert!((c.trace_write_sample_ratio - 0.01).abs() < f64::EPSILON);
+        assert_eq!(c.volume_inflight_bytes(), 16 << 20);
+        assert!(Config::try_parse_from(["blockmirrord", "--volume-inflight-mib", "0"]).is_err());
         assert_eq!(c.trace_slow_write(), Some(Duration::from_millis(50)));
         assert_eq!(c.metrics_listen, None);
         let c = Config::try_parse_from([

@@ -115,6 +115,7 @@ pub async fn run(
     let engine = Engine::open(EngineConfig {
         state_dir: config.state_dir.clone(),
         event_history: usize::try_from(config.event_history).unwrap_or(usize::MAX),
+        volume_inflight_bytes: config.volume_inflight_bytes(),
     })
     .map_err(RunError::State)?;
     let telemetry = telemetry::Telemetry::start(config, &engine)

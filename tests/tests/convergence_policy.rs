@@ -234,3 +234,98 @@ async fn memory_bound_holds_with_nbd_guests_far_faster_than_the_target() {
         .await
         .unwrap();
 }
+
+/// An nbdkit server, killed on drop.
+struct Nbdkit(std::process::Child);
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// With no job, a volume bounds the write payloads its NBD clients have in
+/// flight (`--volume-inflight-mib`): onto a volume that takes 20 ms per
+/// write (nbdkit's delay filter), 1 MiB writes at queue depth 64 and 32 MiB
+/// writes at depth 4 never hold more than the bound, and every byte lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_without_a_job_bounds_the_write_payloads_it_holds() {
+    const BOUND: u64 = 2 << 20;
+    let server = TestServer::start_with(&["--volume-inflight-mib", "2"]);
+    let mut c = server.clients().await;
+    for (bs, depth) in [("1m", "64"), ("32m", "4")] {
+        // A volume of its own per case, so each peak is its own.
+        let name = format!("slow-{bs}");
+        let sock = server.dir.path().join(format!("{name}.sock"));
+        let _nbdkit = Nbdkit(
+            Command::new("nbdkit")
+                .args(["-f", "--exit-with-parent", "-U"])
+                .arg(&sock)
+                .args(["--filter=delay", "memory", "64M", "wdelay=20ms"])
+                .spawn()
+                .expect("nbdkit (apt-get install nbdkit)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "nbdkit did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let attached = c
+            .volumes
+            .attach_volume(v1::AttachVolumeRequest {
+                name: name.clone(),
+                path: String::new(),
+                direct_io: false,
+                uri: format!("nbd+unix:///?socket={}", sock.display()),
+            })
+            .await
+            .expect("attach the nbdkit volume")
+            .into_inner();
+        assert_eq!(attached.max_in_flight_bytes, BOUND);
+        c.export(&name, false).await;
+        let started = Instant::now();
+        // Writes the whole volume, then reads it back and checks every block.
+        let out = Command::new("fio")
+            .args([
+                "--name=deep",
+                "--ioengine=nbd",
+                &format!("--uri={}", server.nbd_uri(&name)),
+                "--rw=write",
+                &format!("--bs={bs}"),
+                &format!("--iodepth={depth}"),
+                "--size=64m",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+            ])
+            .output()
+            .expect("fio");
+        assert!(
+            out.status.success(),
+            "fio {bs} x {depth}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = c
+            .volumes
+            .get_volume(v1::GetVolumeRequest { name })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            v.peak_in_flight_bytes > BOUND / 2,
+            "{bs}: the bound was not exercised: {v:?}"
+        );
+        assert!(
+            v.peak_in_flight_bytes <= BOUND,
+            "{bs}: {} bytes in flight with a bound of {BOUND}",
+            v.peak_in_flight_bytes
+        );
+        assert_eq!(v.in_flight_bytes, 0, "{bs}: payloads left behind: {v:?}");
+        eprintln!(
+            "fio {bs} x {depth} wrote and verified 64 MiB in {:?}; peak in flight {} of {BOUND}",
+            started.elapsed(),
+            v.peak_in_flight_bytes
+        );
+    }
+}

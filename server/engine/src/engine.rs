@@ -29,7 +29,14 @@ pub struct EngineConfig {
     pub state_dir: PathBuf,
     /// Events kept for replay.
     pub event_history: usize,
+    /// Bound on the guest write payloads each volume holds while no job
+    /// copies it (a job's `buf_size` bounds them while one does).
+    pub volume_inflight_bytes: u32,
 }
+
+/// Default of [`EngineConfig::volume_inflight_bytes`]: the default job
+/// `buf_size`, so a volume holds as much with a job as without one.
+pub const DEFAULT_VOLUME_INFLIGHT_BYTES: u32 = 16 << 20;
 
 /// A read-only picture of a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +55,13 @@ pub struct VolumeInfo {
     pub job_id: Option<String>,
     /// Opened with `O_DIRECT`.
     pub direct_io: bool,
+    /// Write payloads held under the volume's own bound: now, at most so
+    /// far, and the bound.
+    pub in_flight_bytes: u64,
+    /// See [`Self::in_flight_bytes`].
+    pub peak_in_flight_bytes: u64,
+    /// See [`Self::in_flight_bytes`].
+    pub max_in_flight_bytes: u64,
 }
 
 type Registry<T> = Arc<Mutex<BTreeMap<String, T>>>;
@@ -70,6 +84,8 @@ pub struct Engine {
     shutdown: CancellationToken,
     /// The observer slot shared with every volume and job.
     observer: Observer,
+    /// See [`EngineConfig::volume_inflight_bytes`].
+    volume_inflight_bytes: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -86,6 +102,9 @@ fn volume_info(v: &Volume) -> VolumeInfo {
         limits: v.limits(),
         job_id: v.user().map(|(j, _)| j),
         direct_io: v.is_direct(),
+        in_flight_bytes: v.guest_inflight().current,
+        peak_in_flight_bytes: v.guest_inflight().peak,
+        max_in_flight_bytes: v.guest_inflight().capacity,
     }
 }
 
@@ -149,7 +168,13 @@ impl Engine {
         for rec in store.load_volumes()? {
             match open_file(&rec.path, CacheMode::from_direct_io(rec.direct_io)) {
                 Ok(backend) => {
-                    let v = Volume::new(rec.name.clone(), backend, rec.limits, observer.clone());
+                    let v = Volume::new(
+                        rec.name.clone(),
+                        backend,
+                        rec.limits,
+                        config.volume_inflight_bytes,
+                        observer.clone(),
+                    );
                     volumes.insert(rec.name, v);
                 }
                 Err(e) => {
@@ -205,6 +230,7 @@ impl Engine {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             observer,
+            volume_inflight_bytes: config.volume_inflight_bytes,
         }))
     }
 
@@ -256,6 +282,7 @@ impl Engine {
             name.to_owned(),
             backend,
             RateLimits::default(),
+            self.volume_inflight_bytes,
             self.observer.clone(),
         );
         {
@@ -972,6 +999,7 @@ mod tests {
         let engine = Engine::open(EngineConfig {
             state_dir: dir.path().join("state"),
             event_history: 64,
+            volume_inflight_bytes: DEFAULT_VOLUME_INFLIGHT_BYTES,
         })
         .unwrap();
         engine.create_volume("src", size, None).unwrap();

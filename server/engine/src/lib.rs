@@ -48,6 +48,6 @@ pub mod store;
 pub mod throttle;
 pub mod volume;
 
-pub use engine::{Engine, EngineConfig, VolumeInfo};
+pub use engine::{DEFAULT_VOLUME_INFLIGHT_BYTES, Engine, EngineConfig, VolumeInfo};
 pub use error::{EngineError, ErrorKind, Result};
 pub use job::JobInfo;

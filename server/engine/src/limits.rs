@@ -96,6 +96,12 @@ impl InflightBudget {
         self.wrap(permit, units)
     }
 
+    /// True when `permit` came from this budget (a front end may have read
+    /// a payload under another one, e.g. before a job started).
+    pub fn issued(&self, permit: &InflightPermit) -> bool {
+        Arc::ptr_eq(&self.counters, &permit.counters)
+    }
+
     /// Takes `bytes` of budget if available now.
     pub fn try_acquire(&self, bytes: u64) -> Option<InflightPermit> {
         let units = self.units(bytes);
@@ -132,6 +138,8 @@ mod tests {
         // Oversized requests take the whole budget instead of hanging.
         let big = b.acquire(1000).await;
         assert_eq!(b.current(), 100);
+        assert!(b.issued(&big));
+        assert!(!InflightBudget::new(100).issued(&big));
         drop(big);
     }
 }

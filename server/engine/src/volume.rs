@@ -23,7 +23,7 @@ use crate::backend::BlockBackend;
 use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::job::active::{ActiveMirror, WriteOp};
-use crate::limits::InflightPermit;
+use crate::limits::{InflightBudget, InflightPermit};
 use crate::observe::{Observer, WriteKind, WriteTiming};
 use crate::throttle::{RateLimits, Throttle};
 use bytes::Bytes;
@@ -43,6 +43,17 @@ pub enum VolumeRole {
     Target,
 }
 
+/// Bytes of guest write payloads under a volume's own bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestInflight {
+    /// Held now.
+    pub current: u64,
+    /// The most held at once so far.
+    pub peak: u64,
+    /// The bound.
+    pub capacity: u64,
+}
+
 /// A named block device.
 #[derive(Debug)]
 pub struct Volume {
@@ -58,6 +69,9 @@ pub struct Volume {
     mirror: RwLock<Option<Arc<ActiveMirror>>>,
     /// The job that uses this volume, and how.
     user: Mutex<Option<(String, VolumeRole)>>,
+    /// Bounds the write payloads front ends hold for this volume while no
+    /// job copies it; a job's own budget takes over while one does.
+    guest_budget: InflightBudget,
     /// The engine's observer, told about every guest write.
     observer: Observer,
     /// Set at shutdown once a job saved this volume's dirty bitmap for its
@@ -81,6 +95,7 @@ impl Volume {
         name: String,
         backend: Arc<dyn BlockBackend>,
         limits: RateLimits,
+        inflight_bytes: u32,
         observer: Observer,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -90,6 +105,7 @@ impl Volume {
             gate: Arc::new(tokio::sync::RwLock::new(())),
             mirror: RwLock::new(None),
             user: Mutex::new(None),
+            guest_budget: InflightBudget::new(inflight_bytes.max(1)),
             observer,
             writes_closed: AtomicBool::new(false),
         })
@@ -301,16 +317,29 @@ impl Volume {
         result
     }
 
-    /// Reserves `len` bytes of the active mirror job's memory budget for a
-    /// write payload a front end is about to read, so request buffers count
-    /// toward the job's bound (and the front end stops reading when it is
-    /// reached). `None` when no job is active.
+    /// Reserves `len` bytes for a write payload a front end is about to
+    /// read: of the active mirror job's budget, so request buffers count
+    /// toward the job's bound, or of the volume's own when no job copies
+    /// it. Either way the front end stops reading when the bound is
+    /// reached, and the client feels it.
     ///
     /// # Cancel safety
     /// Cancel-safe.
-    pub async fn reserve_write(&self, len: u64) -> Option<InflightPermit> {
-        let m = self.mirror()?;
-        Some(m.budget.acquire(len).await)
+    pub async fn reserve_write(&self, len: u64) -> InflightPermit {
+        match self.mirror() {
+            Some(m) => m.budget.acquire(len).await,
+            None => self.guest_budget.acquire(len).await,
+        }
+    }
+
+    /// Write payloads held under the volume's own bound (not those a job's
+    /// budget covers).
+    pub fn guest_inflight(&self) -> GuestInflight {
+        GuestInflight {
+            current: self.guest_budget.current(),
+            peak: self.guest_budget.peak(),
+            capacity: self.guest_budget.capacity(),
+        }
     }
 
     /// [`Self::write`] with a reservation from [`Self::reserve_write`].
@@ -322,10 +351,10 @@ impl Volume {
         offset: u64,
         data: Bytes,
         fua: bool,
-        reserved: Option<InflightPermit>,
+        reserved: InflightPermit,
     ) -> Result<()> {
         let len = data.len() as u64;
-        self.submit(offset, len, WriteOp::Data { data, fua }, reserved)
+        self.submit(offset, len, WriteOp::Data { data, fua }, Some(reserved))
             .await
     }
 

@@ -36,6 +36,9 @@ pub fn volume(v: VolumeInfo) -> v1::Volume {
         }),
         job_id: v.job_id.unwrap_or_default(),
         direct_io: v.direct_io,
+        in_flight_bytes: v.in_flight_bytes,
+        peak_in_flight_bytes: v.peak_in_flight_bytes,
+        max_in_flight_bytes: v.max_in_flight_bytes,
     }
 }
 

@@ -366,8 +366,9 @@ where
             }
             Command::Write => {
                 // A mirror job on the volume bounds all the bytes it holds,
-                // request buffers included: wait for its budget before
-                // reading the payload, so the client feels the bound.
+                // request buffers included, and the volume bounds them when
+                // no job runs: wait for that budget before reading the
+                // payload, so the client feels the bound.
                 let reserved = sel.volume.reserve_write(u64::from(req.length)).await;
                 let mut buf = payload_buffer(&sel, req.length as usize);
                 if let Err(e) = rd.read_exact(&mut buf).await {
@@ -424,8 +425,8 @@ enum Outcome {
 
 /// A write request's payload, as the reader hands it to the request task.
 enum Payload {
-    /// The whole payload, and the mirror budget it was read under, if any.
-    Whole(Bytes, Option<InflightPermit>),
+    /// The whole payload, and the budget it was read under.
+    Whole(Bytes, InflightPermit),
     /// A write over [`WRITE_SLICE_BYTES`], already being applied slice by
     /// slice as it was read.
     Sliced(Vec<JoinHandle<EngineResult<()>>>),
@@ -434,8 +435,9 @@ enum Payload {
 }
 
 /// Big writes are read and applied in slices of this size, each under the
-/// mirror job's budget, so a 32 MiB request holds 1 MiB at a time instead
-/// of 32 (the job's memory bound holds whatever the request size).
+/// mirror job's (or the volume's) budget, so a 32 MiB request holds 1 MiB
+/// at a time instead of 32 (the memory bound holds whatever the request
+/// size).
 const WRITE_SLICE_BYTES: u32 = 1 << 20;
 
 /// A buffer for a write's payload: page-aligned for a direct-I/O volume, so
@@ -449,7 +451,7 @@ fn payload_buffer(sel: &Selected, len: usize) -> BytesMut {
 }
 
 /// Reads a big write's payload slice by slice; each slice waits for the
-/// mirror budget before it is read and is written while the next one is
+/// budget before it is read and is written while the next one is
 /// read. A write the request task will refuse is read and dropped.
 async fn read_sliced_write<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -465,12 +467,12 @@ async fn read_sliced_write<R: AsyncRead + Unpin>(
         let reserved = if refused {
             None
         } else {
-            sel.volume.reserve_write(n).await
+            Some(sel.volume.reserve_write(n).await)
         };
         // n <= WRITE_SLICE_BYTES, which fits usize.
         let mut buf = payload_buffer(sel, usize::try_from(n).unwrap_or(usize::MAX));
         rd.read_exact(&mut buf).await?;
-        if !refused {
+        if let Some(reserved) = reserved {
             let volume = Arc::clone(&sel.volume);
             let offset = req.offset + done;
             slices.push(tokio::spawn(async move {

@@ -467,6 +467,15 @@ pub(crate) fn volume_details(v: &Volume) -> String {
         ),
         ("job_id", or_dash(&v.job_id)),
         ("direct_io", v.direct_io.to_string()),
+        (
+            "in_flight",
+            format!(
+                "{} (peak {}, bound {} while no job runs)",
+                format_size(v.in_flight_bytes),
+                format_size(v.peak_in_flight_bytes),
+                format_size(v.max_in_flight_bytes)
+            ),
+        ),
     ])
 }
 
@@ -714,6 +723,9 @@ mod tests {
             }),
             job_id: String::new(),
             direct_io: false,
+            in_flight_bytes: 0,
+            peak_in_flight_bytes: 1 << 20,
+            max_in_flight_bytes: 16 << 20,
         };
         let t = volumes_table(std::slice::from_ref(&v));
         assert_eq!(
@@ -727,6 +739,11 @@ mod tests {
             "{d}"
         );
         assert!(d.lines().any(|l| l == "write_iops: unlimited"), "{d}");
+        assert!(
+            d.lines()
+                .any(|l| l.starts_with("in_flight:") && l.contains("peak 1 MiB")),
+            "{d}"
+        );
     }
 
     #[test]

@@ -579,8 +579,13 @@ impl ActiveMirror {
     ) -> Result<()> {
         let (first, end) = self.touched(offset, len);
         // A front end that read the payload under this job's budget hands
-        // its permit over, so the buffer is counted once.
-        let mut permit: Option<InflightPermit> = reserved;
+        // its permit over, so the buffer is counted once. One read under
+        // another budget (the volume's, before this job started) keeps that
+        // one too until the write is done, and takes this job's as well.
+        let (mut permit, _other_budget): (Option<InflightPermit>, _) = match reserved {
+            Some(p) if self.budget.issued(&p) => (Some(p), None),
+            other => (None, other),
+        };
         if self.is_guest_throttled() {
             self.guest_throttle.acquire(op.buffer_bytes()).await;
         }
