@@ -51,6 +51,11 @@ impl AlignedBuf {
     pub(crate) fn window(&mut self, len: usize) -> &mut [u8] {
         &mut self.raw[self.start..self.start + len]
     }
+
+    /// [`Self::window`], to read.
+    pub(crate) fn window_ref(&self, len: usize) -> &[u8] {
+        &self.raw[self.start..self.start + len]
+    }
 }
 
 #[cfg(test)]

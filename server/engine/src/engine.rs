@@ -3,6 +3,7 @@
 
 use crate::backend::{BlockBackend, CacheMode, FileBackend, NbdBackend, NbdUri};
 use crate::bitmap::DirtyBitmap;
+use crate::bufpool::PayloadPool;
 use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::events::EventLog;
@@ -86,6 +87,8 @@ pub struct Engine {
     observer: Observer,
     /// See [`EngineConfig::volume_inflight_bytes`].
     volume_inflight_bytes: u32,
+    /// Payload buffers shared by every volume.
+    payloads: Arc<PayloadPool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -164,6 +167,9 @@ impl Engine {
     pub fn open(config: EngineConfig) -> Result<Arc<Self>> {
         let store = Arc::new(Store::open(&config.state_dir)?);
         let observer = Observer::default();
+        // Room for two volumes' worth of payloads at their bound: enough to
+        // reuse every buffer of one busy volume, a bounded amount idle.
+        let payloads = PayloadPool::new(2 * config.volume_inflight_bytes as usize);
         let mut volumes = BTreeMap::new();
         for rec in store.load_volumes()? {
             match open_file(&rec.path, CacheMode::from_direct_io(rec.direct_io)) {
@@ -173,6 +179,7 @@ impl Engine {
                         backend,
                         rec.limits,
                         config.volume_inflight_bytes,
+                        Arc::clone(&payloads),
                         observer.clone(),
                     );
                     volumes.insert(rec.name, v);
@@ -231,6 +238,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             observer,
             volume_inflight_bytes: config.volume_inflight_bytes,
+            payloads,
         }))
     }
 
@@ -283,6 +291,7 @@ impl Engine {
             backend,
             RateLimits::default(),
             self.volume_inflight_bytes,
+            Arc::clone(&self.payloads),
             self.observer.clone(),
         );
         {

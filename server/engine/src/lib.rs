@@ -33,6 +33,7 @@
 pub mod aligned;
 pub mod backend;
 pub mod bitmap;
+pub mod bufpool;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -20,6 +20,7 @@
 //! spawned; the gRPC data service spawns them too).
 
 use crate::backend::BlockBackend;
+use crate::bufpool::{self, PayloadBuf, PayloadPool};
 use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::job::active::{ActiveMirror, WriteOp};
@@ -72,6 +73,8 @@ pub struct Volume {
     /// Bounds the write payloads front ends hold for this volume while no
     /// job copies it; a job's own budget takes over while one does.
     guest_budget: InflightBudget,
+    /// Where front ends get the buffers they read write payloads into.
+    payloads: Arc<PayloadPool>,
     /// The engine's observer, told about every guest write.
     observer: Observer,
     /// Set at shutdown once a job saved this volume's dirty bitmap for its
@@ -96,6 +99,7 @@ impl Volume {
         backend: Arc<dyn BlockBackend>,
         limits: RateLimits,
         inflight_bytes: u32,
+        payloads: Arc<PayloadPool>,
         observer: Observer,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -106,6 +110,7 @@ impl Volume {
             mirror: RwLock::new(None),
             user: Mutex::new(None),
             guest_budget: InflightBudget::new(inflight_bytes.max(1)),
+            payloads,
             observer,
             writes_closed: AtomicBool::new(false),
         })
@@ -326,10 +331,20 @@ impl Volume {
     /// # Cancel safety
     /// Cancel-safe.
     pub async fn reserve_write(&self, len: u64) -> InflightPermit {
+        // What the payload's buffer occupies (see bufpool).
+        let bytes = bufpool::footprint(len);
         match self.mirror() {
-            Some(m) => m.budget.acquire(len).await,
-            None => self.guest_budget.acquire(len).await,
+            Some(m) => m.budget.acquire(bytes).await,
+            None => self.guest_budget.acquire(bytes).await,
         }
+    }
+
+    /// A buffer for a front end to read a write payload of `len` bytes
+    /// into, under a reservation from [`Self::reserve_write`]: reused when
+    /// large, page-aligned when the volume does direct I/O (so the write
+    /// needs no bounce copy).
+    pub fn payload_buffer(&self, len: usize) -> PayloadBuf {
+        self.payloads.take(len, self.is_direct())
     }
 
     /// Write payloads held under the volume's own bound (not those a job's

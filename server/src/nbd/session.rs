@@ -33,7 +33,7 @@ use blockmirror_nbd::option::{self, ClientOption};
 use blockmirror_nbd::reply;
 use blockmirror_nbd::request::{Command, REQUEST_LEN, Request};
 use blockmirror_nbd::{MAX_PAYLOAD_BYTES, WireError};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Semaphore, mpsc};
@@ -370,8 +370,8 @@ where
                 // no job runs: wait for that budget before reading the
                 // payload, so the client feels the bound.
                 let reserved = sel.volume.reserve_write(u64::from(req.length)).await;
-                let mut buf = payload_buffer(&sel, req.length as usize);
-                if let Err(e) = rd.read_exact(&mut buf).await {
+                let mut buf = sel.volume.payload_buffer(req.length as usize);
+                if let Err(e) = rd.read_exact(buf.as_mut_slice()).await {
                     break Err(e.into());
                 }
                 Some(Payload::Whole(buf.freeze(), reserved))
@@ -440,16 +440,6 @@ enum Payload {
 /// size).
 const WRITE_SLICE_BYTES: u32 = 1 << 20;
 
-/// A buffer for a write's payload: page-aligned for a direct-I/O volume, so
-/// the write reaches the device without a bounce copy.
-fn payload_buffer(sel: &Selected, len: usize) -> BytesMut {
-    if sel.volume.is_direct() {
-        blockmirror_engine::aligned::zeroed_bytes(len)
-    } else {
-        BytesMut::zeroed(len)
-    }
-}
-
 /// Reads a big write's payload slice by slice; each slice waits for the
 /// budget before it is read and is written while the next one is
 /// read. A write the request task will refuse is read and dropped.
@@ -470,8 +460,10 @@ async fn read_sliced_write<R: AsyncRead + Unpin>(
             Some(sel.volume.reserve_write(n).await)
         };
         // n <= WRITE_SLICE_BYTES, which fits usize.
-        let mut buf = payload_buffer(sel, usize::try_from(n).unwrap_or(usize::MAX));
-        rd.read_exact(&mut buf).await?;
+        let mut buf = sel
+            .volume
+            .payload_buffer(usize::try_from(n).unwrap_or(usize::MAX));
+        rd.read_exact(buf.as_mut_slice()).await?;
         if let Some(reserved) = reserved {
             let volume = Arc::clone(&sel.volume);
             let offset = req.offset + done;
