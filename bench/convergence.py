@@ -117,6 +117,8 @@ T_AFTER_READY = 0.8
 T_AMP_AUTO = 2.0
 T_RSS_SLACK = 8 * MiB
 T_PIVOT_MS = 3.0
+# The tight pivot window ends this long after COMPLETED.
+PIVOT_TAIL_S = 0.25
 
 q = None  # qemu_mirror_peer, imported in main()
 log = mi.log
@@ -464,7 +466,9 @@ def longest_gap(times, a, b):
     if len(ts) < 2:
         return None, None
     gap, at = max((y - x, x) for x, y in zip(ts, ts[1:]))
-    return gap, at
+    # fio's times are whole milliseconds moved onto the wall clock by a
+    # float offset: round away the float error (3.00009 ms is 3 ms).
+    return round(gap, 6), at
 
 
 def phase(samples, times, a, b):
@@ -673,7 +677,8 @@ class Bench:
             f"{fmt(m.get('before.p99_ms'), 1)} ms max "
             f"{fmt(m.get('before.max_ms'), 1)} ms, after READY "
             f"{fmt(m.get('after.iops'), 0)} IOPS, gap "
-            f"{fmt(m.get('pivot.gap_ms'), 1)} ms")
+            f"{fmt(m.get('pivot.tight_gap_ms'), 1)} ms (± 1 s: "
+            f"{fmt(m.get('pivot.gap_ms'), 1)} ms)")
         self.results.append(r)
         return r
 
@@ -761,6 +766,21 @@ class Bench:
                 ph["steady_gap_ms"] = sg * 1000 if sg is not None else None
             ph["after_pivot"] = phase(samples, times, t_done + 1.0,
                                       end_load)
+            # Tight: only what the pivot can touch, from the complete
+            # request to just after COMPLETED (the ±1 s window above also
+            # holds whatever the machine did before the request was sent),
+            # against an equally long stretch just before the request.
+            t_a, t_b = t_req, min(t_done + PIVOT_TAIL_S, end_load)
+            tg, tat = longest_gap(times, t_a, t_b)
+            ph["pivot_tight"] = {
+                "gap_ms": tg * 1000 if tg is not None else None,
+                "gap_at_s": (tat - t_req) if tat is not None else None}
+            s_a = max(ready_cut + 0.3 if ready_cut else t_a,
+                      t_a - (t_b - t_a))
+            if t_a - s_a >= 0.1:
+                sg, _ = longest_gap(times, s_a, t_a)
+                ph["steady_tight_gap_ms"] = sg * 1000 if sg is not None \
+                    else None
         r["guest"] = ph
         base = (bl or {}).get("stats") or {}
         m["base.iops"] = base.get("iops")
@@ -786,6 +806,9 @@ class Bench:
         if ph.get("pivot"):
             m["pivot.gap_ms"] = ph["pivot"].get("gap_ms")
         m["steady.gap_ms"] = ph.get("steady_gap_ms")
+        if ph.get("pivot_tight"):
+            m["pivot.tight_gap_ms"] = ph["pivot_tight"].get("gap_ms")
+        m["steady.tight_gap_ms"] = ph.get("steady_tight_gap_ms")
         r["m"] = m
         # time lines for the plots (t relative to job start)
         # 1 s buckets aligned on the job's start
@@ -975,12 +998,15 @@ def targets(results, mem_results, a):
                 f"{fmt(v, 2)}× (at completion {fmt(agg(rs, 'amp_final'), 2)}×)",
                 v is not None and v <= T_AMP_AUTO)
         if part == "fast" and wl == a.pivot_workload:
-            v = agg(rs, "pivot.gap_ms")
+            v = agg(rs, "pivot.tight_gap_ms")
             add(f"pivot pause ≤ {T_PIVOT_MS:.0f} ms (longest gap between "
-                "guest completions across complete)", scen, c,
+                "guest completions from the complete request to "
+                f"COMPLETED + {PIVOT_TAIL_S * 1000:.0f} ms)", scen, c,
                 f"{fmt(v, 0)} ms (steady state without a pivot: "
-                f"{fmt(agg(rs, 'steady.gap_ms'), 0)} ms; server pause_us "
-                f"{fmt(agg(rs, 'pause_us'), 0)})"
+                f"{fmt(agg(rs, 'steady.tight_gap_ms'), 0)} ms; over "
+                f"complete ± 1 s: {fmt(agg(rs, 'pivot.gap_ms'), 0)} ms, "
+                f"steady {fmt(agg(rs, 'steady.gap_ms'), 0)} ms; server "
+                f"pause_us {fmt(agg(rs, 'pause_us'), 0)})"
                 if v is not None else "not measured (no complete under "
                 "load)", None if c == "bm-bg" and not conv else
                 v is not None and v <= T_PIVOT_MS)
@@ -1212,14 +1238,17 @@ def md_pivot(results, a):
     lines = [f"### (e) Pivot under load: `complete` while a "
              f"{WL_LABEL[a.pivot_workload]} writer runs, fast target, "
              f"{size // MiB} MiB", "",
-             "Longest gap between guest write completions in [complete "
-             "request − 1 s, COMPLETED + 1 s] (fio's log has 1 ms "
-             "resolution); *steady* = the same measure over an equally long "
-             "window just before (after READY), i.e. the noise floor. "
-             "Pivot window cells: IOPS / p50 / p99 / max (ms).", "",
+             "Longest gap between guest write completions (fio's log has "
+             "1 ms resolution): *tight* from the complete request to "
+             f"COMPLETED + {PIVOT_TAIL_S * 1000:.0f} ms (all the pivot can "
+             "touch; the target is judged on it), *± 1 s* in [complete "
+             "request − 1 s, COMPLETED + 1 s]; *steady* = the same measure "
+             "over an equally long stretch just before (after READY), i.e. "
+             "the noise floor. Pivot window (± 1 s) cells: IOPS / p50 / p99 "
+             "/ max (ms).", "",
              "| contender | READY (s) | complete→COMPLETED (ms) | longest "
-             "gap (ms) | steady longest gap (ms) | server pause_us | pivot "
-             "window | after pivot IOPS |",
+             "gap, tight (steady) (ms) | longest gap, ± 1 s (steady) (ms) | "
+             "server pause_us | pivot window | after pivot IOPS |",
              "|---|---|---|---|---|---|---|---|"]
     for c in ORDER:
         rs = g.get(("fast", a.pivot_workload, c))
@@ -1236,8 +1265,10 @@ def md_pivot(results, a):
             f"| {c} | {fmt(agg(rs, 'ready_s'), 2, none='never under load')}"
             f" | {fmt(agg(rs, 'complete_ms'), 1)}"
             f"{'' if under else ' (writer stopped)'} | "
-            f"{fmt(agg(rs, 'pivot.gap_ms'), 0)} | "
-            f"{fmt(agg(rs, 'steady.gap_ms'), 0)} | "
+            f"{fmt(agg(rs, 'pivot.tight_gap_ms'), 0)} "
+            f"({fmt(agg(rs, 'steady.tight_gap_ms'), 0)}) | "
+            f"{fmt(agg(rs, 'pivot.gap_ms'), 0)} "
+            f"({fmt(agg(rs, 'steady.gap_ms'), 0)}) | "
             f"{fmt(agg(rs, 'pause_us'), 0)} | {pw} | "
             f"{fmt(agg(rs, 'after_pivot.iops'), 0)} |")
     return "\n".join(lines)

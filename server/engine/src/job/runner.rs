@@ -501,6 +501,9 @@ impl Job {
         }
         let held_at = Instant::now();
         let gate = self.source.drain().await;
+        // The pause's parts, for the log: waiting for guest I/O in flight,
+        // then saving the volume definitions.
+        let drained = held_at.elapsed();
         if self.mirror.dirty_chunks() > 0 {
             return false;
         }
@@ -541,7 +544,13 @@ impl Job {
             self.transition(&mut s, JobStatus::Concluded);
         }
         self.save();
-        tracing::info!(job_id = %self.id, pivot, pause_us = pause.as_micros(), "job completed");
+        tracing::info!(
+            job_id = %self.id,
+            pivot,
+            pause_us = pause.as_micros(),
+            drain_us = drained.as_micros(),
+            "job completed"
+        );
         true
     }
 
