@@ -232,16 +232,6 @@ impl Device {
         blocking("flushing", move || b.flush()).await
     }
 
-    /// Starts writeback of cached writes without waiting for it (see
-    /// [`BlockBackend::start_writeback`]).
-    ///
-    /// # Errors
-    /// The backend's I/O error.
-    pub async fn start_writeback(&self) -> Result<()> {
-        let b = Arc::clone(&self.backend);
-        blocking("starting writeback", move || b.start_writeback()).await
-    }
-
     /// Data or hole at the start of a range.
     ///
     /// # Errors

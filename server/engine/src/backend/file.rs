@@ -206,22 +206,6 @@ fn write_dontcache(file: &File, buf: &[u8], offset: u64) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-/// `sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file: starts
-/// writeback of its dirty pages and returns without waiting for it. (No
-/// safe wrapper in nix 0.32 or std.)
-#[allow(unsafe_code)]
-fn start_file_writeback(file: &File) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain system call on a descriptor owned by `file` and open;
-    // no memory is passed.
-    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 fn off_t(v: u64) -> io::Result<i64> {
     i64::try_from(v).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))
 }
@@ -307,14 +291,6 @@ impl BlockBackend for FileBackend {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
-    }
-
-    fn start_writeback(&self) -> io::Result<()> {
-        if self.direct.is_some() {
-            // Nothing is cached.
-            return Ok(());
-        }
-        start_file_writeback(&self.file)
     }
 
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Allocation> {
@@ -410,43 +386,6 @@ mod tests {
             .expect("fincore (util-linux) runs");
         assert!(out.status.success(), "fincore: {out:?}");
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    }
-
-    /// Waits for writeback already under way on the whole file.
-    #[allow(unsafe_code)]
-    fn wait_for_writeback(file: &File) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: plain system call on an open descriptor; no memory passed.
-        let r = unsafe {
-            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WAIT_BEFORE)
-        };
-        assert_eq!(r, 0, "{}", io::Error::last_os_error());
-    }
-
-    #[test]
-    fn start_writeback_leaves_clean_pages_and_the_data_intact() {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let path = dir.path().join("img");
-        let b = FileBackend::create(&path, 4 << 20, CacheMode::Buffered).unwrap();
-        b.write_at(&[7u8; 1 << 20], 1 << 20).unwrap();
-        b.start_writeback().unwrap();
-        wait_for_writeback(&b.file);
-        // Clean pages can be dropped; dirty ones (had writeback not been
-        // started) or ones still being written could not.
-        nix::fcntl::posix_fadvise(
-            &b.file,
-            0,
-            0,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        )
-        .unwrap();
-        assert_eq!(resident_bytes(&path), 0);
-        let mut back = vec![0u8; 1 << 20];
-        b.read_at(&mut back, 1 << 20).unwrap();
-        assert!(back.iter().all(|&x| x == 7));
-        // Nothing cached to write back with O_DIRECT: a no-op that succeeds.
-        let d = FileBackend::open(&path, CacheMode::Direct).unwrap();
-        d.start_writeback().unwrap();
     }
 
     #[test]

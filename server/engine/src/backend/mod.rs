@@ -67,14 +67,6 @@ pub trait BlockBackend: Send + Sync + fmt::Debug + 'static {
     fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
-    /// Starts writing back what completed writes left in a cache, without
-    /// waiting for it, so that a later [`Self::flush`] has little left to
-    /// do. A mirror in READY calls it every second on its target, so the
-    /// pivot's flush covers about a second of guest writes, not all of
-    /// them since READY. The default does nothing (no cache to write back).
-    fn start_writeback(&self) -> io::Result<()> {
-        Ok(())
-    }
     /// Classifies the start of `[offset, offset+len)` as data or hole.
     /// Backends that cannot tell report data.
     fn allocation(&self, offset: u64, len: u64) -> io::Result<Allocation> {

@@ -182,7 +182,6 @@ impl Job {
             cold_exhausted_until: None,
         };
         let mut hot_rotated = Instant::now();
-        let mut writeback: Option<tokio::task::JoinHandle<()>> = None;
         let mut ops: JoinSet<CopyResult> = JoinSet::new();
         let mut retry_at: Option<Instant> = None;
         let mut pacer = Pacer::default();
@@ -291,11 +290,6 @@ impl Job {
                     if hot_rotated.elapsed() >= HOT_WINDOW {
                         self.mirror.hot.rotate();
                         hot_rotated = Instant::now();
-                        if status == JobStatus::Ready
-                            && writeback.as_ref().is_none_or(tokio::task::JoinHandle::is_finished)
-                        {
-                            writeback = Some(self.start_target_writeback());
-                        }
                     }
                 }
                 p = async {
@@ -467,22 +461,6 @@ impl Job {
                 true
             }
         }
-    }
-
-    /// Starts writing back the target's cached writes, in the background:
-    /// in READY, guests' synchronous writes pile up in a buffered target's
-    /// page cache (the kernel would wait 30 s), and the pivot's flush would
-    /// then write all of them while the complete request waits. Once a
-    /// second, it finds about a second's worth.
-    fn start_target_writeback(&self) -> tokio::task::JoinHandle<()> {
-        let target = self.mirror.target().clone();
-        let id = self.id.clone();
-        tokio::spawn(async move {
-            // The pivot's flush reports a real failure; this is only a head start.
-            if let Err(e) = target.start_writeback().await {
-                tracing::debug!(job_id = %id, error = %e.chain(), "target writeback not started");
-            }
-        })
     }
 
     /// Drains guest I/O, and if still in sync, flushes the target and
