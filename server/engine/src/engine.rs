@@ -97,6 +97,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn volume_info(v: &Volume) -> VolumeInfo {
+    let payloads = v.guest_inflight();
     VolumeInfo {
         name: v.name().to_owned(),
         size_bytes: v.size(),
@@ -105,9 +106,9 @@ fn volume_info(v: &Volume) -> VolumeInfo {
         limits: v.limits(),
         job_id: v.user().map(|(j, _)| j),
         direct_io: v.is_direct(),
-        in_flight_bytes: v.guest_inflight().current,
-        peak_in_flight_bytes: v.guest_inflight().peak,
-        max_in_flight_bytes: v.guest_inflight().capacity,
+        in_flight_bytes: payloads.current,
+        peak_in_flight_bytes: payloads.peak,
+        max_in_flight_bytes: payloads.capacity,
     }
 }
 
