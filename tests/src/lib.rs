@@ -600,3 +600,51 @@ pub fn tool_ok(program: &str, args: &[&str]) -> String {
     assert!(ok, "{program} {args:?} failed:\n{text}");
     text
 }
+
+/// An `nbdkit` memory disk on a unix socket whose every write the delay
+/// filter holds for `wdelay`: a slow NBD device for tests. Killed on drop.
+#[derive(Debug)]
+pub struct Nbdkit {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Nbdkit {
+    /// Starts `nbdkit --filter=delay memory SIZE wdelay=WDELAY` on `socket`
+    /// (e.g. size "64M", wdelay "20ms") and waits until it listens.
+    pub async fn start_delayed(socket: PathBuf, size: &str, wdelay: &str) -> Self {
+        let child = Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&socket)
+            .args([
+                "--filter=delay",
+                "memory",
+                size,
+                &format!("wdelay={wdelay}"),
+            ])
+            .spawn()
+            .expect("nbdkit (apt-get install nbdkit)");
+        let nbdkit = Self { child, socket };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !nbdkit.socket.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nbdkit did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        nbdkit
+    }
+
+    /// Its NBD URI.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

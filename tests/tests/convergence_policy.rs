@@ -6,7 +6,7 @@
 use blockmirror_proto::v1::{
     self, Convergence, CopyMode, EventType, JobState, watch_events_response::Kind,
 };
-use blockmirror_tests::{Clients, Guest, TestServer, spec};
+use blockmirror_tests::{Clients, Guest, Nbdkit, TestServer, spec};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -235,16 +235,6 @@ async fn memory_bound_holds_with_nbd_guests_far_faster_than_the_target() {
         .unwrap();
 }
 
-/// An nbdkit server, killed on drop.
-struct Nbdkit(std::process::Child);
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// With no job, a volume bounds the write payloads its NBD clients have in
 /// flight (`--volume-inflight-mib`): onto a volume that takes 20 ms per
 /// write (nbdkit's delay filter), 1 MiB writes at queue depth 64 and 32 MiB
@@ -258,26 +248,14 @@ async fn a_volume_without_a_job_bounds_the_write_payloads_it_holds() {
         // A volume of its own per case, so each peak is its own.
         let name = format!("slow-{bs}");
         let sock = server.dir.path().join(format!("{name}.sock"));
-        let _nbdkit = Nbdkit(
-            Command::new("nbdkit")
-                .args(["-f", "--exit-with-parent", "-U"])
-                .arg(&sock)
-                .args(["--filter=delay", "memory", "64M", "wdelay=20ms"])
-                .spawn()
-                .expect("nbdkit (apt-get install nbdkit)"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "nbdkit did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let nbdkit = Nbdkit::start_delayed(sock, "64M", "20ms").await;
         let attached = c
             .volumes
             .attach_volume(v1::AttachVolumeRequest {
                 name: name.clone(),
                 path: String::new(),
                 direct_io: false,
-                uri: format!("nbd+unix:///?socket={}", sock.display()),
+                uri: nbdkit.uri(),
             })
             .await
             .expect("attach the nbdkit volume")

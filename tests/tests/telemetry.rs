@@ -8,7 +8,7 @@
 
 use blockmirror_proto::v1::{self, CopyMode, JobState, SyncMode};
 use blockmirror_tests::otlp::{ReceivedSpan, Receiver};
-use blockmirror_tests::{TestServer, binary, spec, tool_ok};
+use blockmirror_tests::{Nbdkit, TestServer, binary, spec, tool_ok};
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
@@ -81,16 +81,6 @@ fn parse_prometheus(text: &str) -> HashMap<String, Vec<(String, f64)>> {
 
 fn total(m: &HashMap<String, Vec<(String, f64)>>, name: &str) -> f64 {
     m.get(name).map_or(0.0, |v| v.iter().map(|(_, x)| x).sum())
-}
-
-/// An nbdkit server, killed on drop.
-struct Nbdkit(std::process::Child);
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn find(spans: &[ReceivedSpan], f: impl Fn(&ReceivedSpan) -> bool) -> Option<&ReceivedSpan> {
@@ -395,24 +385,8 @@ async fn spans_and_metrics_reach_their_collectors() {
     // the 100 ms threshold and are traced (at ratio 0), as children of
     // their job.
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("slow.sock");
-    let _nbdkit = Nbdkit(
-        Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-U"])
-            .arg(&sock)
-            .args(["--filter=delay", "memory", "4M", "wdelay=150ms"])
-            .spawn()
-            .expect("nbdkit (apt-get install nbdkit)"),
-    );
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !sock.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nbdkit did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let target = format!("nbd+unix:///?socket={}", sock.display());
+    let nbdkit = Nbdkit::start_delayed(dir.path().join("slow.sock"), "4M", "150ms").await;
+    let target = nbdkit.uri();
     let mut s = spec("fast", &target, CopyMode::Background);
     s.auto_dismiss = Some(false);
     c.start_mirror("j2", s).await;
