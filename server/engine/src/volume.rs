@@ -373,14 +373,15 @@ impl Volume {
             .await
     }
 
-    /// Writes `data` at `offset`; with `fua`, durable on return.
+    /// Writes `data` at `offset`; with `fua`, durable on return. The
+    /// buffer counts toward the job's or the volume's bound like a front
+    /// end's reserved payload, so no caller writes around it.
     ///
     /// # Errors
     /// A bad range, a volume that is a mirror target, or the source's I/O error.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        let len = data.len() as u64;
-        self.submit(offset, len, WriteOp::Data { data, fua }, None)
-            .await
+        let reserved = self.reserve_write(data.len() as u64).await;
+        self.write_reserved(offset, data, fua, reserved).await
     }
 
     /// Makes a range read as zeroes; unless `no_hole`, it may be deallocated.

@@ -52,14 +52,7 @@ impl DataService for DataApi {
     ) -> Result<Response<v1::WriteResponse>, Status> {
         let r = req.into_inner();
         let v = self.engine.volume(&r.volume).status()?;
-        to_completion(async move {
-            // Counted like an NBD payload: under the job's or the volume's
-            // bound, so further writes wait while it is full.
-            let reserved = v.reserve_write(r.data.len() as u64).await;
-            v.write_reserved(r.offset_bytes, r.data, r.fua, reserved)
-                .await
-        })
-        .await?;
+        to_completion(async move { v.write(r.offset_bytes, r.data, r.fua).await }).await?;
         Ok(Response::new(v1::WriteResponse {}))
     }
 
