@@ -4,16 +4,17 @@
 use crate::backend::{BlockBackend, CacheMode, FileBackend, NbdBackend, NbdUri};
 use crate::bitmap::DirtyBitmap;
 use crate::bufpool::PayloadPool;
+use crate::definitions::VolumeDefinitions;
 use crate::device::Device;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::events::EventLog;
 use crate::job::active::ActiveMirror;
 use crate::job::spec::{CopyMode, MirrorSpec, TargetSpec};
 use crate::job::state::JobStatus;
-use crate::job::{Job, JobInfo, JobParts, PersistFn};
+use crate::job::{Job, JobInfo, JobParts};
 use crate::names::validate_name;
 use crate::observe::{IoObserver, JobObserver, Observer, WriteLatencySummary};
-use crate::store::{ExportRecord, JobRecord, Store, VolumeRecord};
+use crate::store::{ExportRecord, JobRecord, Store};
 use crate::throttle::RateLimits;
 use crate::volume::{Volume, VolumeRole};
 use std::collections::BTreeMap;
@@ -72,6 +73,8 @@ type Registry<T> = Arc<Mutex<BTreeMap<String, T>>>;
 pub struct Engine {
     store: Arc<Store>,
     volumes: Registry<Arc<Volume>>,
+    /// Writes the volume definitions.
+    definitions: Arc<VolumeDefinitions>,
     jobs: Registry<Arc<Job>>,
     /// Jobs known only from their records (from before a restart).
     restored: Registry<JobRecord>,
@@ -80,6 +83,8 @@ pub struct Engine {
     to_resume: Mutex<Vec<JobRecord>>,
     /// NBD exports by export name.
     exports: Registry<ExportRecord>,
+    /// Held while the export definitions are written.
+    exports_saves: Mutex<()>,
     events: Arc<EventLog>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -110,19 +115,6 @@ fn volume_info(v: &Volume) -> VolumeInfo {
         peak_in_flight_bytes: payloads.peak,
         max_in_flight_bytes: payloads.capacity,
     }
-}
-
-fn save_volumes(store: &Store, volumes: &Mutex<BTreeMap<String, Arc<Volume>>>) -> Result<()> {
-    let records: Vec<VolumeRecord> = lock(volumes)
-        .values()
-        .map(|v| VolumeRecord {
-            name: v.name().to_owned(),
-            path: PathBuf::from(v.path()),
-            limits: v.limits(),
-            direct_io: v.is_direct(),
-        })
-        .collect();
-    store.save_volumes(&records)
 }
 
 /// Connects to an NBD export on the blocking pool (the handshake blocks).
@@ -227,13 +219,19 @@ impl Engine {
             dir = %config.state_dir.display(),
             "state restored"
         );
+        let volumes = Arc::new(Mutex::new(volumes));
         Ok(Arc::new(Self {
+            definitions: Arc::new(VolumeDefinitions::new(
+                Arc::clone(&store),
+                Arc::clone(&volumes),
+            )),
             store,
-            volumes: Arc::new(Mutex::new(volumes)),
+            volumes,
             jobs: Arc::default(),
             restored: Arc::new(Mutex::new(restored)),
             to_resume: Mutex::new(to_resume),
             exports: Arc::new(Mutex::new(exports)),
+            exports_saves: Mutex::new(()),
             events: Arc::new(EventLog::new(config.event_history)),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -260,7 +258,7 @@ impl Engine {
     }
 
     fn save_volumes(&self) -> Result<()> {
-        save_volumes(&self.store, &self.volumes)
+        self.definitions.save()
     }
 
     fn check_open(&self) -> Result<()> {
@@ -503,6 +501,9 @@ impl Engine {
     }
 
     fn save_exports(&self) -> Result<()> {
+        // One writer at a time, picture and write together: two writers
+        // could share the temporary file, or the older picture land last.
+        let _one_writer = lock(&self.exports_saves);
         let all: Vec<ExportRecord> = lock(&self.exports).values().cloned().collect();
         self.store.save_exports(&all)
     }
@@ -778,13 +779,6 @@ impl Engine {
             )
             .with_observer(Arc::clone(&observed)),
         );
-        let (store, volumes) = (Arc::clone(&self.store), Arc::clone(&self.volumes));
-        let persist: PersistFn = Arc::new(move |absorbed: Option<&str>| {
-            if let Some(name) = absorbed {
-                lock(&volumes).remove(name);
-            }
-            save_volumes(&store, &volumes)
-        });
         let job = Job::new(JobParts {
             id: id.to_owned(),
             spec,
@@ -795,7 +789,7 @@ impl Engine {
             events: Arc::clone(&self.events),
             store: Arc::clone(&self.store),
             shutdown: self.shutdown.child_token(),
-            persist_volumes: persist,
+            definitions: Arc::clone(&self.definitions),
             resumed_from,
             resume_bitmap,
         });

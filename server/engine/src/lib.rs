@@ -23,6 +23,8 @@
 //!   short-I/O pool, or tokio's blocking pool).
 //! - [`events`]: the numbered event log with replay.
 //! - [`store`]: the state directory.
+//! - `definitions`: the volume definitions on disk, and a pivot's written
+//!   ahead of its pause.
 //! - [`names`]: name validation.
 //! - [`error`]: the engine's error type.
 // Audited exceptions: `preadv2`/`pwritev2` with flags in backend/file.rs,
@@ -34,6 +36,7 @@ pub mod aligned;
 pub mod backend;
 pub mod bitmap;
 pub mod bufpool;
+mod definitions;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -92,6 +92,37 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// `path` with `suffix` appended to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// Writes `bytes` to `path` (replacing it) and makes them durable.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let what = format!("writing {}", path.display());
+    let mut f = fs::File::create(path).map_err(io_err(what.clone()))?;
+    f.write_all(bytes).map_err(io_err(what.clone()))?;
+    f.sync_all().map_err(io_err(what))
+}
+
+/// Renames the durable file `from` over `to` and makes the rename durable.
+fn install(from: &Path, to: &Path) -> Result<()> {
+    let what = format!("writing {}", to.display());
+    fs::rename(from, to).map_err(io_err(what.clone()))?;
+    sync_parent(to).map_err(io_err(what))
+}
+
+/// Ends the name of volume definitions written ahead and not installed.
+const PREPARED_SUFFIX: &str = ".prepared";
+
+/// Volume definitions written ahead (see [`Store::prepare_volumes`]).
+#[derive(Debug)]
+pub struct PreparedVolumes {
+    path: PathBuf,
+}
+
 /// Access to the state directory.
 #[derive(Debug)]
 pub struct Store {
@@ -114,6 +145,16 @@ impl Store {
                 sub.display()
             )))?;
         }
+        // Definitions a pivot wrote ahead and never installed (it stopped
+        // before its commit): never valid after a restart.
+        if let Ok(entries) = fs::read_dir(dir) {
+            for path in entries.flatten().map(|e| e.path()) {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if name.starts_with("volumes.json.") && name.ends_with(PREPARED_SUFFIX) {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -130,15 +171,9 @@ impl Store {
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let what = format!("writing {}", path.display());
-        let mut f = fs::File::create(&tmp).map_err(io_err(what.clone()))?;
-        f.write_all(bytes).map_err(io_err(what.clone()))?;
-        f.sync_all().map_err(io_err(what.clone()))?;
-        fs::rename(&tmp, path).map_err(io_err(what.clone()))?;
-        sync_parent(path).map_err(io_err(what))
+        let tmp = with_suffix(path, ".tmp");
+        write_synced(&tmp, bytes)?;
+        install(&tmp, path)
     }
 
     fn bitmap_path(&self, id: &str) -> PathBuf {
@@ -215,6 +250,41 @@ impl Store {
         let bytes =
             serde_json::to_vec_pretty(volumes).map_err(|e| EngineError::invalid(e.to_string()))?;
         self.write_atomic(&self.dir.join("volumes.json"), &bytes)
+    }
+
+    /// Writes the volume definitions `volumes` to a file of their own and
+    /// makes it durable, without installing it: the costly half of
+    /// [`Self::save_volumes`], for a caller that must install them later
+    /// quickly (a pivot, while guest I/O is held). One prepared set at a
+    /// set per `tag` (a job id) at a time: preparing again replaces it.
+    ///
+    /// # Errors
+    /// `Io` if the file cannot be written.
+    pub fn prepare_volumes(&self, tag: &str, volumes: &[VolumeRecord]) -> Result<PreparedVolumes> {
+        let bytes =
+            serde_json::to_vec_pretty(volumes).map_err(|e| EngineError::invalid(e.to_string()))?;
+        let path = with_suffix(
+            &self.dir.join("volumes.json"),
+            &format!(".{tag}{PREPARED_SUFFIX}"),
+        );
+        write_synced(&path, &bytes)?;
+        Ok(PreparedVolumes { path })
+    }
+
+    /// Installs prepared volume definitions: one rename and one directory
+    /// sync.
+    ///
+    /// # Errors
+    /// `Io` if the rename or the sync fails.
+    pub fn install_volumes(&self, prepared: PreparedVolumes) -> Result<()> {
+        install(&prepared.path, &self.dir.join("volumes.json"))
+    }
+
+    /// Deletes prepared volume definitions that will not be installed.
+    pub fn discard_volumes(&self, prepared: PreparedVolumes) {
+        if let Err(e) = fs::remove_file(&prepared.path) {
+            tracing::warn!(path = %prepared.path.display(), error = %e, "removing unused volume definitions");
+        }
     }
 
     /// All export definitions.

@@ -36,6 +36,7 @@ pub mod state;
 
 use crate::backend::BlockBackend;
 use crate::bitmap::DirtyBitmap;
+use crate::definitions::VolumeDefinitions;
 use crate::error::Result;
 use crate::events::{EventKind, EventLog, Progress};
 use crate::store::{JobRecord, Store};
@@ -137,8 +138,8 @@ pub struct Job {
     speed: Throttle,
     /// Cancelled at shutdown: the runner stops and saves the record.
     shutdown: CancellationToken,
-    /// Saves the volume definitions (called at pivot, guest I/O drained).
-    persist_volumes: PersistFn,
+    /// The volume definitions on disk, which a pivot rewrites.
+    definitions: Arc<VolumeDefinitions>,
     /// Restarted from its record after blockmirrord restarted.
     resumed: bool,
     /// The dirty bitmap a clean shutdown saved, for a resumed job to start
@@ -148,10 +149,6 @@ pub struct Job {
     /// The source volume's file at the start (see `JobRecord::source_path`).
     source_path: String,
 }
-
-/// Saves the engine's volume definitions after a pivot, first forgetting
-/// the named target volume (its file now backs the source volume).
-pub(crate) type PersistFn = Arc<dyn Fn(Option<&str>) -> Result<()> + Send + Sync>;
 
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -170,7 +167,7 @@ pub(crate) struct JobParts {
     pub events: Arc<EventLog>,
     pub store: Arc<Store>,
     pub shutdown: CancellationToken,
-    pub persist_volumes: PersistFn,
+    pub definitions: Arc<VolumeDefinitions>,
     /// `Some(created_at)` for a job resumed from its record.
     pub resumed_from: Option<SystemTime>,
     /// The saved dirty bitmap of a job resumed after a clean shutdown.
@@ -214,7 +211,7 @@ impl Job {
             store: p.store,
             speed,
             shutdown: p.shutdown,
-            persist_volumes: p.persist_volumes,
+            definitions: p.definitions,
         })
     }
 

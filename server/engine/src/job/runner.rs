@@ -6,6 +6,7 @@ use super::active::MirrorIoError;
 use super::spec::{ErrorPolicy, SyncMode};
 use super::{Job, JobStatus};
 use crate::backend::Allocation;
+use crate::definitions::{Pivot, PreparedPivot};
 use crate::device::Device;
 use crate::events::EventKind;
 use std::sync::Arc;
@@ -477,12 +478,27 @@ impl Job {
             });
             return false;
         }
+        // The target volume's file is to back the source volume: the
+        // target's own definition goes, so no second volume (and no second
+        // writer) points at the same file.
+        let absorbed = self.target_volume.as_ref().map(|t| t.name().to_owned());
+        // The definitions naming the target are written before the pause,
+        // which then only installs them (see `definitions`).
+        let prepared = if pivot {
+            self.prepare_pivot(absorbed.clone()).await
+        } else {
+            None
+        };
         let held_at = Instant::now();
         let gate = self.source.drain().await;
         // The pause's parts, for the log: waiting for guest I/O in flight,
-        // then saving the volume definitions.
+        // then installing the volume definitions.
         let drained = held_at.elapsed();
         if self.mirror.dirty_chunks() > 0 {
+            drop(gate);
+            if let Some(p) = prepared {
+                self.definitions.discard(p);
+            }
             return false;
         }
         // No second flush under the gate: nothing was copied since the
@@ -491,11 +507,7 @@ impl Job {
         // (a guest flush in write-blocking mode flushes the target too).
         if pivot {
             self.source.set_backend(Arc::clone(&self.target_backend));
-            // The target volume's file now backs the source volume: the
-            // target's own definition goes, so no second volume (and no
-            // second writer) points at the same file.
-            let absorbed = self.target_volume.as_ref().map(|t| t.name().to_owned());
-            if let Err(e) = (self.persist_volumes)(absorbed.as_deref()) {
+            if let Err(e) = self.definitions.commit_pivot(prepared, absorbed.as_deref()) {
                 // The volume file on disk still names the old source; the
                 // switch stays in memory and is retried at the next save.
                 tracing::error!(job_id = %self.id, error = %e.chain(), "saving volume definitions after pivot");
@@ -530,6 +542,39 @@ impl Job {
             "job completed"
         );
         true
+    }
+
+    /// Writes the definitions as they will be after the pivot, off the
+    /// async threads (it syncs a file). None if that failed: the pivot then
+    /// saves them whole under the pause.
+    async fn prepare_pivot(&self, absorbed: Option<String>) -> Option<PreparedPivot> {
+        let (definitions, id) = (Arc::clone(&self.definitions), self.id.clone());
+        let (source, target) = (
+            self.source.name().to_owned(),
+            Arc::clone(&self.target_backend),
+        );
+        let prepared = tokio::task::spawn_blocking(move || {
+            definitions.prepare_pivot(
+                &id,
+                Pivot {
+                    source: &source,
+                    target: target.as_ref(),
+                    absorbed: absorbed.as_deref(),
+                },
+            )
+        })
+        .await;
+        match prepared {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(e)) => {
+                tracing::warn!(job_id = %self.id, error = %e.chain(), "writing the volume definitions ahead of the pivot");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %self.id, error = %e, "writing the volume definitions ahead of the pivot");
+                None
+            }
+        }
     }
 
     /// Detaches after cancel or failure.
