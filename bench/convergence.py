@@ -1467,7 +1467,8 @@ def main():
                     help="writer runs this long before the job (2; quick "
                          "1.5)")
     ap.add_argument("--after-ready", type=float, default=None,
-                    help="READY → complete, writer running (4; quick 2)")
+                    help="READY → complete, writer running (10: two periods "
+                         "of the kernel's 5 s writeback; quick 2)")
     ap.add_argument("--tail", type=float, default=None,
                     help="writer keeps running after COMPLETED (2; quick 1)")
     ap.add_argument("--slow-ready-cap", type=float, default=None,
@@ -1480,7 +1481,7 @@ def main():
                          "5)")
     ap.add_argument("--complete-timeout", type=float, default=60)
     ap.add_argument("--baseline-runtime", type=float, default=None,
-                    help="no-mirror measurement (6; quick 3)")
+                    help="no-mirror measurement (10; quick 3)")
     ap.add_argument("--poll-interval", type=float, default=0.5)
     ap.add_argument("--hot-size", default="16M")
     ap.add_argument("--seed-fsync-every", type=int, default=4)
@@ -1536,11 +1537,11 @@ def main():
     dflt("slow_size", "256M", "64M")
     dflt("fast_size", "1G", "256M")
     dflt("warmup", 2.0, 1.5)
-    dflt("after_ready", 4.0, 2.0)
+    dflt("after_ready", 10.0, 2.0)
     dflt("tail", 2.0, 1.0)
     dflt("fast_ready_cap", 8.0, 5.0)
     dflt("drain_timeout", 16.0, 5.0)
-    dflt("baseline_runtime", 6.0, 3.0)
+    dflt("baseline_runtime", 10.0, 3.0)
     dflt("mem_variants", "1M:64,4k:64,32M:4", "1M:64,32M:4")
     dflt("mem_contenders", "qemu-wb,bm-wb,bm-auto", "qemu-wb,bm-wb")
     dflt("mem_runtime", 10.0, 6.0)
