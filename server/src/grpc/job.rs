@@ -42,6 +42,24 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
     }
 }
 
+impl JobApi {
+    /// Runs a job verb on the blocking pool. A verb saves the job's record,
+    /// which syncs a file: on an async thread that would hold up the guest
+    /// I/O queued behind it (a `complete` would pause guests for as long).
+    async fn verb(
+        &self,
+        f: impl FnOnce(&Engine) -> blockmirror_engine::Result<blockmirror_engine::JobInfo>
+        + Send
+        + 'static,
+    ) -> Reply {
+        let engine = Arc::clone(&self.engine);
+        match tokio::task::spawn_blocking(move || f(&engine)).await {
+            Ok(r) => reply(r),
+            Err(e) => Err(Status::internal(format!("job request failed: {e}"))),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn start_mirror(&self, req: Request<v1::StartMirrorRequest>) -> Reply {
@@ -75,25 +93,20 @@ impl JobService for JobApi {
     }
 
     async fn pause_job(&self, req: Request<v1::JobRequest>) -> Reply {
-        reply(
-            self.engine
-                .pause_job(required("job_id", &req.into_inner().job_id)?),
-        )
+        let id = required("job_id", &req.into_inner().job_id)?.to_owned();
+        self.verb(move |e| e.pause_job(&id)).await
     }
 
     async fn resume_job(&self, req: Request<v1::JobRequest>) -> Reply {
-        reply(
-            self.engine
-                .resume_job(required("job_id", &req.into_inner().job_id)?),
-        )
+        let id = required("job_id", &req.into_inner().job_id)?.to_owned();
+        self.verb(move |e| e.resume_job(&id)).await
     }
 
     async fn set_job_speed(&self, req: Request<v1::SetJobSpeedRequest>) -> Reply {
         let r = req.into_inner();
-        reply(
-            self.engine
-                .set_job_speed(required("job_id", &r.job_id)?, r.speed_bytes_per_sec),
-        )
+        let id = required("job_id", &r.job_id)?.to_owned();
+        self.verb(move |e| e.set_job_speed(&id, r.speed_bytes_per_sec))
+            .await
     }
 
     async fn change_job(&self, req: Request<v1::ChangeJobRequest>) -> Reply {
@@ -102,36 +115,29 @@ impl JobService for JobApi {
             return Err(Status::invalid_argument("copy_mode is required"));
         }
         let mode = convert::copy_mode_in(r.copy_mode, "copy_mode")?;
-        reply(self.engine.change_job(required("job_id", &r.job_id)?, mode))
+        let id = required("job_id", &r.job_id)?.to_owned();
+        self.verb(move |e| e.change_job(&id, mode)).await
     }
 
     async fn complete_job(&self, req: Request<v1::JobRequest>) -> Reply {
-        reply(
-            self.engine
-                .complete_job(required("job_id", &req.into_inner().job_id)?),
-        )
+        let id = required("job_id", &req.into_inner().job_id)?.to_owned();
+        self.verb(move |e| e.complete_job(&id)).await
     }
 
     async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Reply {
         let r = req.into_inner();
-        reply(
-            self.engine
-                .cancel_job(required("job_id", &r.job_id)?, r.force),
-        )
+        let id = required("job_id", &r.job_id)?.to_owned();
+        self.verb(move |e| e.cancel_job(&id, r.force)).await
     }
 
     async fn finalize_job(&self, req: Request<v1::JobRequest>) -> Reply {
-        reply(
-            self.engine
-                .finalize_job(required("job_id", &req.into_inner().job_id)?),
-        )
+        let id = required("job_id", &req.into_inner().job_id)?.to_owned();
+        self.verb(move |e| e.finalize_job(&id)).await
     }
 
     async fn dismiss_job(&self, req: Request<v1::JobRequest>) -> Reply {
-        reply(
-            self.engine
-                .dismiss_job(required("job_id", &req.into_inner().job_id)?),
-        )
+        let id = required("job_id", &req.into_inner().job_id)?.to_owned();
+        self.verb(move |e| e.dismiss_job(&id)).await
     }
 
     async fn wait_job(&self, req: Request<v1::WaitJobRequest>) -> Reply {

@@ -45,7 +45,7 @@ use crate::volume::Volume;
 use active::ActiveMirror;
 use spec::{CopyMode, MirrorSpec};
 use state::{JobStatus, Verb};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
@@ -148,6 +148,24 @@ pub struct Job {
     resume_bitmap: Mutex<Option<DirtyBitmap>>,
     /// The source volume's file at the start (see `JobRecord::source_path`).
     source_path: String,
+    /// Numbers records in the order they were taken (under the state lock).
+    records_taken: AtomicU64,
+    /// The number of the newest record on disk: saves from several threads
+    /// write one at a time, and never an older record over a newer one.
+    record_saved: Arc<Mutex<u64>>,
+}
+
+/// Writes record number `number` unless a newer one is on disk already.
+fn save_record(store: &Store, saved: &Mutex<u64>, number: u64, record: &JobRecord) -> Result<()> {
+    let mut newest = saved
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if number < *newest {
+        return Ok(());
+    }
+    store.save_job(record)?;
+    *newest = number;
+    Ok(())
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -201,6 +219,8 @@ impl Job {
             resumed: p.resumed_from.is_some(),
             resume_bitmap: Mutex::new(p.resume_bitmap),
             source_path: p.source.path(),
+            records_taken: AtomicU64::new(0),
+            record_saved: Arc::new(Mutex::new(0)),
             changed: Notify::new(),
             status_tx: watch::channel(JobStatus::Created).0,
             mirror: p.mirror,
@@ -312,8 +332,14 @@ impl Job {
 
     /// The durable record.
     pub(crate) fn record(&self) -> JobRecord {
+        self.numbered_record().1
+    }
+
+    /// The record and its number (see `records_taken`).
+    fn numbered_record(&self) -> (u64, JobRecord) {
         let s = self.lock();
-        JobRecord {
+        let number = self.records_taken.fetch_add(1, Ordering::Relaxed) + 1;
+        let record = JobRecord {
             id: self.id.clone(),
             spec: self.spec.clone(),
             status: s.status,
@@ -323,12 +349,32 @@ impl Job {
             source_path: Some(self.source_path.clone()),
             cancel_requested: s.cancel_requested.is_some(),
             dirty_bitmap_saved: s.bitmap_saved,
+        };
+        (number, record)
+    }
+
+    /// Saves the record; blocks on a file sync (see [`Self::save_async`]).
+    fn save(&self) {
+        let (number, record) = self.numbered_record();
+        if let Err(e) = save_record(&self.store, &self.record_saved, number, &record) {
+            tracing::error!(job_id = %self.id, error = %e.chain(), "saving job record");
         }
     }
 
-    fn save(&self) {
-        if let Err(e) = self.store.save_job(&self.record()) {
-            tracing::error!(job_id = %self.id, error = %e.chain(), "saving job record");
+    /// Saves the record on the blocking pool. The runner uses this: a sync
+    /// on an async thread holds up every task queued behind it there —
+    /// at the pivot, the guest writes the pause has just released.
+    async fn save_async(&self) {
+        let (number, record) = self.numbered_record();
+        let (store, saved) = (Arc::clone(&self.store), Arc::clone(&self.record_saved));
+        let result =
+            tokio::task::spawn_blocking(move || save_record(&store, &saved, number, &record)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(job_id = %self.id, error = %e.chain(), "saving job record");
+            }
+            Err(e) => tracing::error!(job_id = %self.id, error = %e, "saving job record"),
         }
     }
 
@@ -541,5 +587,52 @@ impl std::fmt::Debug for Job {
             .field("id", &self.id)
             .field("status", &self.status())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spec::{ConvergencePolicy, ErrorPolicy, SyncMode, TargetSpec};
+
+    fn record(status: JobStatus) -> JobRecord {
+        JobRecord {
+            id: "j".into(),
+            spec: MirrorSpec {
+                source_volume: "src".into(),
+                target: TargetSpec::Volume("dst".into()),
+                sync: SyncMode::Full,
+                copy_mode: CopyMode::Background,
+                granularity_bytes: 64 << 10,
+                buf_size_bytes: 1 << 20,
+                speed_bytes_per_sec: 0,
+                on_source_error: ErrorPolicy::Report,
+                on_target_error: ErrorPolicy::Report,
+                auto_finalize: true,
+                auto_dismiss: false,
+                bitmap: None,
+                policy: ConvergencePolicy::default(),
+            },
+            status,
+            error: None,
+            pivoted: false,
+            created_at_ms: 0,
+            source_path: None,
+            cancel_requested: false,
+            dirty_bitmap_saved: false,
+        }
+    }
+
+    #[test]
+    fn an_older_record_saved_late_does_not_replace_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let saved = Mutex::new(0);
+        save_record(&store, &saved, 2, &record(JobStatus::Ready)).unwrap();
+        // Taken before number 2, written after it (another thread).
+        save_record(&store, &saved, 1, &record(JobStatus::Running)).unwrap();
+        assert_eq!(store.load_jobs().unwrap()[0].status, JobStatus::Ready);
+        save_record(&store, &saved, 3, &record(JobStatus::Concluded)).unwrap();
+        assert_eq!(store.load_jobs().unwrap()[0].status, JobStatus::Concluded);
     }
 }

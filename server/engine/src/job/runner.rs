@@ -311,7 +311,7 @@ impl Job {
         let kept = self.record().is_resumable() && self.keep_bitmap().await;
         drop(gate);
         self.lock().bitmap_saved = kept;
-        self.save();
+        self.save_async().await;
         tracing::info!(job_id = %self.id, status = %self.status(), bitmap_saved = kept, "job stopped for shutdown");
     }
 
@@ -371,15 +371,16 @@ impl Job {
         }
         self.source.set_mirror(Some(Arc::clone(&self.mirror)));
         drop(gate);
-        let mut s = self.lock();
-        if s.status == JobStatus::Created {
-            self.transition(&mut s, JobStatus::Running);
-            if s.pause_at_start {
-                self.transition(&mut s, JobStatus::Paused);
+        {
+            let mut s = self.lock();
+            if s.status == JobStatus::Created {
+                self.transition(&mut s, JobStatus::Running);
+                if s.pause_at_start {
+                    self.transition(&mut s, JobStatus::Paused);
+                }
             }
         }
-        drop(s);
-        self.save();
+        self.save_async().await;
     }
 
     /// Marks only the source's data extents (the target reads as zeroes).
@@ -533,7 +534,7 @@ impl Job {
             );
             self.transition(&mut s, JobStatus::Concluded);
         }
-        self.save();
+        self.save_async().await;
         tracing::info!(
             job_id = %self.id,
             pivot,
@@ -583,21 +584,22 @@ impl Job {
         self.source.set_mirror(None);
         drop(gate);
         self.release_volumes();
-        let mut s = self.lock();
-        let progress = self.progress(&s);
-        let kind = match s.error.clone() {
-            Some(error) => EventKind::Completed {
-                pivoted: false,
-                pause_us: 0,
-                error: Some(error),
-                progress,
-            },
-            None => EventKind::Cancelled(progress),
-        };
-        self.emit(&mut s, kind);
-        self.transition(&mut s, JobStatus::Concluded);
-        drop(s);
-        self.save();
+        {
+            let mut s = self.lock();
+            let progress = self.progress(&s);
+            let kind = match s.error.clone() {
+                Some(error) => EventKind::Completed {
+                    pivoted: false,
+                    pause_us: 0,
+                    error: Some(error),
+                    progress,
+                },
+                None => EventKind::Cancelled(progress),
+            };
+            self.emit(&mut s, kind);
+            self.transition(&mut s, JobStatus::Concluded);
+        }
+        self.save_async().await;
     }
 
     fn release_volumes(&self) {
