@@ -43,20 +43,16 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
 }
 
 impl JobApi {
-    /// Runs a job verb on the blocking pool. A verb saves the job's record,
-    /// which syncs a file: on an async thread that would hold up the guest
-    /// I/O queued behind it (a `complete` would pause guests for as long).
+    /// Runs a job verb (it saves the job's record) off the runtime threads.
     async fn verb(
         &self,
         f: impl FnOnce(&Engine) -> blockmirror_engine::Result<blockmirror_engine::JobInfo>
         + Send
         + 'static,
     ) -> Reply {
-        let engine = Arc::clone(&self.engine);
-        match tokio::task::spawn_blocking(move || f(&engine)).await {
-            Ok(r) => reply(r),
-            Err(e) => Err(Status::internal(format!("job request failed: {e}"))),
-        }
+        super::off_runtime(&self.engine, f)
+            .await
+            .map(|j| Response::new(convert::job(j)))
     }
 }
 

@@ -12,6 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::service::Routes;
 
+/// Runs an engine call that writes the state directory on the blocking
+/// pool: it syncs files, and on a runtime thread that would hold up the
+/// guest I/O queued behind it there (a `complete` would pause guests for
+/// as long).
+async fn off_runtime<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    call: impl FnOnce(&Engine) -> blockmirror_engine::Result<T> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    use status::IntoStatus;
+    let engine = Arc::clone(engine);
+    match tokio::task::spawn_blocking(move || call(&engine)).await {
+        Ok(r) => r.status(),
+        Err(e) => Err(tonic::Status::internal(format!("request failed: {e}"))),
+    }
+}
+
 /// Every service (plus health and reflection) on one set of routes.
 ///
 /// # Errors

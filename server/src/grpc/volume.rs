@@ -1,7 +1,7 @@
 //! VolumeService.
 
-use super::convert;
 use super::status::IntoStatus;
+use super::{convert, off_runtime};
 use blockmirror_engine::Engine;
 use blockmirror_engine::throttle::RateLimits;
 use blockmirror_proto::v1::{self, volume_service_server::VolumeService};
@@ -23,11 +23,11 @@ impl VolumeService for VolumeApi {
         req: Request<v1::CreateVolumeRequest>,
     ) -> Result<Response<v1::Volume>, Status> {
         let r = req.into_inner();
-        let path = (!r.path.is_empty()).then(|| Path::new(&r.path));
-        let v = self
-            .engine
-            .create_volume(&r.name, r.size_bytes, path)
-            .status()?;
+        let v = off_runtime(&self.engine, move |e| {
+            let path = (!r.path.is_empty()).then(|| Path::new(&r.path));
+            e.create_volume(&r.name, r.size_bytes, path)
+        })
+        .await?;
         Ok(Response::new(convert::volume(v)))
     }
 
@@ -37,22 +37,28 @@ impl VolumeService for VolumeApi {
     ) -> Result<Response<v1::Volume>, Status> {
         let r = req.into_inner();
         let v = match (r.path.is_empty(), r.uri.is_empty()) {
-            (_, true) => self
-                .engine
-                .attach_volume(&r.name, Path::new(&r.path), r.direct_io),
+            (_, true) => {
+                off_runtime(&self.engine, move |e| {
+                    e.attach_volume(&r.name, Path::new(&r.path), r.direct_io)
+                })
+                .await?
+            }
             (true, false) if r.direct_io => {
                 return Err(Status::invalid_argument(
                     "direct_io applies to files, not NBD URIs",
                 ));
             }
-            (true, false) => self.engine.attach_nbd_volume(&r.name, &r.uri).await,
+            (true, false) => self
+                .engine
+                .attach_nbd_volume(&r.name, &r.uri)
+                .await
+                .status()?,
             (false, false) => {
                 return Err(Status::invalid_argument(
                     "give either path or uri, not both",
                 ));
             }
-        }
-        .status()?;
+        };
         Ok(Response::new(convert::volume(v)))
     }
 
@@ -81,7 +87,8 @@ impl VolumeService for VolumeApi {
         &self,
         req: Request<v1::DeleteVolumeRequest>,
     ) -> Result<Response<v1::DeleteVolumeResponse>, Status> {
-        self.engine.delete_volume(&req.into_inner().name).status()?;
+        let name = req.into_inner().name;
+        off_runtime(&self.engine, move |e| e.delete_volume(&name)).await?;
         Ok(Response::new(v1::DeleteVolumeResponse {}))
     }
 
@@ -95,7 +102,7 @@ impl VolumeService for VolumeApi {
             bytes_per_sec: l.write_bytes_per_sec,
             ops_per_sec: l.write_iops,
         };
-        let v = self.engine.set_volume_limits(&r.name, limits).status()?;
+        let v = off_runtime(&self.engine, move |e| e.set_volume_limits(&r.name, limits)).await?;
         Ok(Response::new(convert::volume(v)))
     }
 
@@ -104,11 +111,11 @@ impl VolumeService for VolumeApi {
         req: Request<v1::AddExportRequest>,
     ) -> Result<Response<v1::Export>, Status> {
         let r = req.into_inner();
-        let name = (!r.name.is_empty()).then_some(r.name.as_str());
-        let e = self
-            .engine
-            .add_export(&r.volume, name, r.read_only)
-            .status()?;
+        let e = off_runtime(&self.engine, move |e| {
+            let name = (!r.name.is_empty()).then_some(r.name.as_str());
+            e.add_export(&r.volume, name, r.read_only)
+        })
+        .await?;
         Ok(Response::new(convert::export(e)))
     }
 
@@ -129,7 +136,8 @@ impl VolumeService for VolumeApi {
         &self,
         req: Request<v1::RemoveExportRequest>,
     ) -> Result<Response<v1::RemoveExportResponse>, Status> {
-        self.engine.remove_export(&req.into_inner().name).status()?;
+        let name = req.into_inner().name;
+        off_runtime(&self.engine, move |e| e.remove_export(&name)).await?;
         Ok(Response::new(v1::RemoveExportResponse {}))
     }
 }
