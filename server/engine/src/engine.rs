@@ -975,25 +975,11 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::spec::{CopyMode, ErrorPolicy, SyncMode, TargetSpec};
+    use crate::job::spec::CopyMode;
     use crate::job::state::JobStatus;
 
     fn spec() -> MirrorSpec {
-        MirrorSpec {
-            source_volume: "src".into(),
-            target: TargetSpec::Volume("dst".into()),
-            sync: SyncMode::Full,
-            copy_mode: CopyMode::Background,
-            granularity_bytes: 64 << 10,
-            buf_size_bytes: 1 << 20,
-            speed_bytes_per_sec: 0,
-            on_source_error: ErrorPolicy::Report,
-            on_target_error: ErrorPolicy::Report,
-            auto_finalize: true,
-            auto_dismiss: false,
-            bitmap: None,
-            policy: crate::job::spec::ConvergencePolicy::default(),
-        }
+        MirrorSpec::for_tests()
     }
 
     /// An engine on a fresh state directory (kept alive by the returned

@@ -593,26 +593,11 @@ impl std::fmt::Debug for Job {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spec::{ConvergencePolicy, ErrorPolicy, SyncMode, TargetSpec};
 
     fn record(status: JobStatus) -> JobRecord {
         JobRecord {
             id: "j".into(),
-            spec: MirrorSpec {
-                source_volume: "src".into(),
-                target: TargetSpec::Volume("dst".into()),
-                sync: SyncMode::Full,
-                copy_mode: CopyMode::Background,
-                granularity_bytes: 64 << 10,
-                buf_size_bytes: 1 << 20,
-                speed_bytes_per_sec: 0,
-                on_source_error: ErrorPolicy::Report,
-                on_target_error: ErrorPolicy::Report,
-                auto_finalize: true,
-                auto_dismiss: false,
-                bitmap: None,
-                policy: ConvergencePolicy::default(),
-            },
+            spec: MirrorSpec::for_tests(),
             status,
             error: None,
             pivoted: false,

@@ -192,6 +192,27 @@ impl Default for ConvergencePolicy {
 }
 
 impl MirrorSpec {
+    /// `src` to volume `dst`: full sync, background, 64 KiB granularity,
+    /// 1 MiB buffers, errors reported, finalized but not dismissed.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Self {
+            source_volume: "src".into(),
+            target: TargetSpec::Volume("dst".into()),
+            sync: SyncMode::Full,
+            copy_mode: CopyMode::Background,
+            granularity_bytes: 64 << 10,
+            buf_size_bytes: 1 << 20,
+            speed_bytes_per_sec: 0,
+            on_source_error: ErrorPolicy::Report,
+            on_target_error: ErrorPolicy::Report,
+            auto_finalize: true,
+            auto_dismiss: false,
+            bitmap: None,
+            policy: ConvergencePolicy::default(),
+        }
+    }
+
     /// Checks every field.
     ///
     /// # Errors
