@@ -805,7 +805,7 @@ impl Engine {
             jobs.insert(id.to_owned(), Arc::clone(&job));
         }
         observed.started(&job.spec().target.to_string(), job.spec().copy_mode);
-        let _ = self.store.save_job(&job.record());
+        job.save_async().await;
         let jobs = Arc::clone(&self.jobs);
         job.spawn(&self.tracker, move |job| {
             if job.status() == JobStatus::Concluded

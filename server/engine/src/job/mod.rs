@@ -361,10 +361,10 @@ impl Job {
         }
     }
 
-    /// Saves the record on the blocking pool. The runner uses this: a sync
+    /// Saves the record on the blocking pool (the runner, StartMirror): a sync
     /// on an async thread holds up every task queued behind it there —
     /// at the pivot, the guest writes the pause has just released.
-    async fn save_async(&self) {
+    pub(crate) async fn save_async(&self) {
         let (number, record) = self.numbered_record();
         let (store, saved) = (Arc::clone(&self.store), Arc::clone(&self.record_saved));
         let result =
