@@ -45,8 +45,18 @@ pub(crate) async fn blocking<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> Result<T> {
+    off_runtime(what, move || f().map_err(|e| EngineError::io(what, e))).await
+}
+
+/// Runs engine work that blocks (file syncs) on tokio's blocking pool, off
+/// the threads guest I/O runs on; a panic becomes an I/O error about
+/// `what`.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|e| EngineError::io(what, e)),
+        Ok(r) => r,
         Err(e) => Err(EngineError::io(what, io::Error::other(e.to_string()))),
     }
 }

@@ -257,10 +257,6 @@ impl Engine {
         self.store.dir()
     }
 
-    fn save_volumes(&self) -> Result<()> {
-        self.definitions.save()
-    }
-
     fn check_open(&self) -> Result<()> {
         if self.shutdown.is_cancelled() {
             return Err(EngineError::new(
@@ -303,7 +299,7 @@ impl Engine {
             }
             vols.insert(name.to_owned(), Arc::clone(&v));
         }
-        if let Err(e) = self.save_volumes() {
+        if let Err(e) = self.definitions.save() {
             lock(&self.volumes).remove(name);
             return Err(e);
         }
@@ -438,7 +434,7 @@ impl Engine {
             )));
         }
         lock(&self.volumes).remove(name);
-        self.save_volumes()?;
+        self.definitions.save()?;
         tracing::info!(volume = name, "volume deleted");
         Ok(())
     }
@@ -450,7 +446,7 @@ impl Engine {
     pub fn set_volume_limits(&self, name: &str, limits: RateLimits) -> Result<VolumeInfo> {
         let v = self.volume(name)?;
         v.set_limits(limits);
-        self.save_volumes()?;
+        self.definitions.save()?;
         Ok(volume_info(&v))
     }
 

@@ -37,6 +37,7 @@ pub mod state;
 use crate::backend::BlockBackend;
 use crate::bitmap::DirtyBitmap;
 use crate::definitions::VolumeDefinitions;
+use crate::device::off_runtime;
 use crate::error::Result;
 use crate::events::{EventKind, EventLog, Progress};
 use crate::store::{JobRecord, Store};
@@ -45,7 +46,7 @@ use crate::volume::Volume;
 use active::ActiveMirror;
 use spec::{CopyMode, MirrorSpec};
 use state::{JobStatus, Verb};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
@@ -116,6 +117,8 @@ struct Shared {
     /// The shutdown saved the dirty bitmap for a resume (see
     /// `JobRecord::dirty_bitmap_saved`).
     bitmap_saved: bool,
+    /// Records taken so far: each is numbered (see `Job::record_saved`).
+    records_taken: u64,
 }
 
 /// One mirror job.
@@ -148,8 +151,6 @@ pub struct Job {
     resume_bitmap: Mutex<Option<DirtyBitmap>>,
     /// The source volume's file at the start (see `JobRecord::source_path`).
     source_path: String,
-    /// Numbers records in the order they were taken (under the state lock).
-    records_taken: AtomicU64,
     /// The number of the newest record on disk: saves from several threads
     /// write one at a time, and never an older record over a newer one.
     record_saved: Arc<Mutex<u64>>,
@@ -212,6 +213,7 @@ impl Job {
                 dirty_rate: 0,
                 net_rate: None,
                 bitmap_saved: false,
+                records_taken: 0,
             }),
             id: p.id,
             spec: p.spec,
@@ -219,7 +221,6 @@ impl Job {
             resumed: p.resumed_from.is_some(),
             resume_bitmap: Mutex::new(p.resume_bitmap),
             source_path: p.source.path(),
-            records_taken: AtomicU64::new(0),
             record_saved: Arc::new(Mutex::new(0)),
             changed: Notify::new(),
             status_tx: watch::channel(JobStatus::Created).0,
@@ -335,10 +336,11 @@ impl Job {
         self.numbered_record().1
     }
 
-    /// The record and its number (see `records_taken`).
+    /// The record and its number (see `Shared::records_taken`).
     fn numbered_record(&self) -> (u64, JobRecord) {
-        let s = self.lock();
-        let number = self.records_taken.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut s = self.lock();
+        s.records_taken += 1;
+        let number = s.records_taken;
         let record = JobRecord {
             id: self.id.clone(),
             spec: self.spec.clone(),
@@ -367,14 +369,9 @@ impl Job {
     pub(crate) async fn save_async(&self) {
         let (number, record) = self.numbered_record();
         let (store, saved) = (Arc::clone(&self.store), Arc::clone(&self.record_saved));
-        let result =
-            tokio::task::spawn_blocking(move || save_record(&store, &saved, number, &record)).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(job_id = %self.id, error = %e.chain(), "saving job record");
-            }
-            Err(e) => tracing::error!(job_id = %self.id, error = %e, "saving job record"),
+        let saving = move || save_record(&store, &saved, number, &record);
+        if let Err(e) = off_runtime("saving the job record", saving).await {
+            tracing::error!(job_id = %self.id, error = %e.chain(), "saving job record");
         }
     }
 

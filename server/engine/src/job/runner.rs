@@ -7,7 +7,7 @@ use super::spec::{ErrorPolicy, SyncMode};
 use super::{Job, JobStatus};
 use crate::backend::Allocation;
 use crate::definitions::{Pivot, PreparedPivot};
-use crate::device::Device;
+use crate::device::{Device, off_runtime};
 use crate::events::EventKind;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -329,18 +329,17 @@ impl Job {
         }
         let bytes = self.mirror.bitmap_bytes();
         let (store, id) = (Arc::clone(&self.store), self.id.clone());
-        let saved = tokio::task::spawn_blocking(move || store.save_bitmap(&id, &bytes)).await;
-        match saved {
-            Ok(Ok(())) => {
+        match off_runtime("saving the dirty bitmap", move || {
+            store.save_bitmap(&id, &bytes)
+        })
+        .await
+        {
+            Ok(()) => {
                 self.source.close_writes();
                 true
             }
-            Ok(Err(e)) => {
-                tracing::warn!(job_id = %self.id, error = %e.chain(), "dirty bitmap not saved; the job will copy everything when it resumes");
-                false
-            }
             Err(e) => {
-                tracing::warn!(job_id = %self.id, error = %e, "dirty bitmap not saved; the job will copy everything when it resumes");
+                tracing::warn!(job_id = %self.id, error = %e.chain(), "dirty bitmap not saved; the job will copy everything when it resumes");
                 false
             }
         }
@@ -554,7 +553,7 @@ impl Job {
             self.source.name().to_owned(),
             Arc::clone(&self.target_backend),
         );
-        let prepared = tokio::task::spawn_blocking(move || {
+        let prepared = off_runtime("writing the volume definitions", move || {
             definitions.prepare_pivot(
                 &id,
                 Pivot {
@@ -565,17 +564,11 @@ impl Job {
             )
         })
         .await;
-        match prepared {
-            Ok(Ok(p)) => Some(p),
-            Ok(Err(e)) => {
+        prepared
+            .inspect_err(|e| {
                 tracing::warn!(job_id = %self.id, error = %e.chain(), "writing the volume definitions ahead of the pivot");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(job_id = %self.id, error = %e, "writing the volume definitions ahead of the pivot");
-                None
-            }
-        }
+            })
+            .ok()
     }
 
     /// Detaches after cancel or failure.
