@@ -53,6 +53,7 @@ use crate::backend::{Allocation, BlockBackend};
 use crate::bitmap::DirtyBitmap;
 use crate::device::Device;
 use crate::error::{EngineError, Result};
+use crate::job::durability::TargetDurability;
 use crate::job::hot::HotRegions;
 use crate::job::spec::CopyMode;
 use crate::limits::{InflightBudget, InflightPermit};
@@ -171,14 +172,11 @@ pub struct ActiveMirror {
     /// leave their chunks dirty, so a dead target costs the guest one
     /// timeout, not one per write.
     target_failing: AtomicBool,
-    /// Guest writes (and zeroes) that have reached the target, counted
-    /// when their target leg completes...
-    guest_target_writes: AtomicU64,
-    /// ... and how many of them the last successful guest-flush of the
-    /// target covered: a guest flush with nothing new on the target flushes
-    /// only the source (each `fdatasync` costs a device cache flush, which a
-    /// guest that flushes every few writes feels).
-    target_flushed_through: AtomicU64,
+    /// Which target writes (guests' and the copier's) a flush has made
+    /// durable: guest flushes skip a target with nothing new on it (each
+    /// `fdatasync` costs a device cache flush, which a guest that flushes
+    /// every few writes feels), and the pivot skips a flush owed nothing.
+    durability: TargetDurability,
     /// The copy's device (with the target volume's limits, if any).
     target: Device,
     /// The same target for synchronous guest writes while there is copying
@@ -283,8 +281,7 @@ impl ActiveMirror {
             guest_target_alone: target.with_priority(100),
             copier_time_share_percent: 50,
             copy_busy_us: AtomicU64::new(0),
-            guest_target_writes: AtomicU64::new(0),
-            target_flushed_through: AtomicU64::new(0),
+            durability: TargetDurability::default(),
             target,
             budget: InflightBudget::new(buf_size),
             copy_share: InflightBudget::new(
@@ -643,7 +640,7 @@ impl ActiveMirror {
             };
             // Counted before the acknowledgement, so a flush the guest
             // issues after it sees this write.
-            self.guest_target_writes.fetch_add(1, Ordering::AcqRel);
+            self.durability.guest_wrote();
             self.note_target_latency(tgt.1);
             let (src, tgt) = timing.both_legs(CopyMode::WriteBlocking, src, tgt);
             self.counters
@@ -689,27 +686,59 @@ impl ActiveMirror {
     /// mode, so an acknowledged flush is durable on both sides — unless no
     /// guest write has reached the target since its last flush (writes to
     /// dirty chunks go to the source alone; the copier's data is the job's
-    /// business, made durable before READY and the pivot).
+    /// business, see [`Self::flush_target_if_owed`]). A flush that leaves
+    /// guest writes on the target unflushed (background mode, a failing
+    /// target) is owed by the job before the pivot.
     ///
     /// # Errors
     /// The source's flush error.
     pub async fn guest_flush(&self, source: &Device) -> Result<()> {
+        if !self.durability.guest_writes_unflushed() {
+            return source.flush().await;
+        }
         if !self.is_write_blocking() || self.is_target_failing() {
+            self.durability.guest_flush_skipped_target();
             return source.flush().await;
         }
-        let written = self.guest_target_writes.load(Ordering::Acquire);
-        if written == self.target_flushed_through.load(Ordering::Acquire) {
-            return source.flush().await;
-        }
+        let mark = self.durability.mark();
         let (src, tgt) = tokio::join!(source.flush(), self.target.flush());
         match tgt {
-            Ok(()) => {
-                self.target_flushed_through
-                    .fetch_max(written, Ordering::AcqRel);
+            Ok(()) => self.durability.flushed(mark),
+            Err(e) => {
+                self.durability.guest_flush_skipped_target();
+                self.record_error(Side::Target, "flush", e);
             }
-            Err(e) => self.record_error(Side::Target, "flush", e),
         }
         src
+    }
+
+    /// Flushes the target and records what the flush covered.
+    ///
+    /// # Errors
+    /// The target's flush error.
+    pub async fn flush_target(&self) -> Result<()> {
+        let mark = self.durability.mark();
+        self.target.flush().await?;
+        self.durability.flushed(mark);
+        Ok(())
+    }
+
+    /// Whether the target owes a flush before it is a durable copy of the
+    /// source: copies since its last flush, or guest flushes that skipped it
+    /// (see `durability`). Guest writes alone owe none.
+    pub fn target_flush_owed(&self) -> bool {
+        self.durability.job_flush_owed()
+    }
+
+    /// Flushes the target if it owes a flush; true if it did.
+    ///
+    /// # Errors
+    /// The target's flush error.
+    pub async fn flush_target_if_owed(&self) -> Result<bool> {
+        if !self.target_flush_owed() {
+            return Ok(false);
+        }
+        self.flush_target().await.map(|()| true)
     }
 
     /// Copies chunks `[start, end)` from `source` to the target under their
@@ -748,6 +777,7 @@ impl ActiveMirror {
         }
         let io_started = tokio::time::Instant::now();
         let result = self.copy_locked(source, off, len).await;
+        self.durability.copier_wrote();
         self.copy_busy_us.fetch_add(
             u64::try_from(io_started.elapsed().as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -1110,6 +1140,10 @@ mod flush_tests {
         assert_eq!((flushes(&s), flushes(&t)), (1, 0));
         // A write to a clean chunk reaches the target: both, once.
         write(0).await;
+        assert!(
+            !m.target_flush_owed(),
+            "a guest write alone owes the job no flush"
+        );
         m.guest_flush(&src).await.unwrap();
         assert_eq!((flushes(&s), flushes(&t)), (2, 1));
         m.guest_flush(&src).await.unwrap();
@@ -1119,14 +1153,63 @@ mod flush_tests {
         write(5 * GRAN).await;
         m.guest_flush(&src).await.unwrap();
         assert_eq!((flushes(&s), flushes(&t)), (4, 1));
-        // Background mode never flushes the target for a guest.
+        // Background mode never flushes the target for a guest: the write
+        // that reached it before is then owed a flush by the job.
         write(GRAN).await;
         m.set_write_blocking(false);
+        assert!(!m.target_flush_owed());
         m.guest_flush(&src).await.unwrap();
         assert_eq!((flushes(&s), flushes(&t)), (5, 1));
+        assert!(m.target_flush_owed());
         // Back in write-blocking mode, the write made before still counts.
         m.set_write_blocking(true);
         m.guest_flush(&src).await.unwrap();
         assert_eq!((flushes(&s), flushes(&t)), (6, 2));
+        assert!(!m.target_flush_owed(), "the guest's own flush settled it");
+    }
+
+    #[tokio::test]
+    async fn the_job_flushes_the_target_only_for_copies_since_its_last_flush() {
+        const GRAN: u64 = 64 << 10;
+        let (s, t) = (counting(), counting());
+        s.mem.write_at(&[9u8; 4096], 0).unwrap();
+        let src = Device::unthrottled(s.clone());
+        let m = ActiveMirror::new(1 << 20, GRAN, Device::unthrottled(t.clone()), 1 << 20, true);
+        let flushes = |b: &Counting| b.flushes.load(Ordering::Relaxed);
+        let speed = Throttle::default();
+
+        assert!(!m.flush_target_if_owed().await.unwrap(), "nothing copied");
+        m.mark_dirty(0, 2);
+        let permit = m.budget.acquire(2 * GRAN).await;
+        m.copy_range(&src, 0, 2, &speed, permit).await.unwrap();
+        assert!(m.flush_target_if_owed().await.unwrap());
+        assert_eq!(flushes(&t), 1);
+        assert!(!m.flush_target_if_owed().await.unwrap(), "already flushed");
+        assert_eq!(flushes(&t), 1);
+        // A copy that finds its chunks already clean writes nothing.
+        let permit = m.budget.acquire(GRAN).await;
+        m.copy_range(&src, 3, 4, &speed, permit).await.unwrap();
+        assert!(!m.target_flush_owed());
+        // A guest flush that covers the target covers the copies before it.
+        m.mark_dirty(4, 5);
+        let permit = m.budget.acquire(GRAN).await;
+        m.copy_range(&src, 4, 5, &speed, permit).await.unwrap();
+        assert!(m.target_flush_owed());
+        m.guest_write(
+            &src,
+            8 * GRAN,
+            4096,
+            WriteOp::Data {
+                data: Bytes::from(vec![1u8; 4096]),
+                fua: false,
+            },
+            None,
+            &mut WriteTiming::start(),
+        )
+        .await
+        .unwrap();
+        m.guest_flush(&src).await.unwrap();
+        assert_eq!(flushes(&t), 2);
+        assert!(!m.target_flush_owed());
     }
 }

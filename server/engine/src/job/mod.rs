@@ -23,11 +23,15 @@
 //! `complete` (and `cancel` in READY) switch the job to write-blocking, so
 //! the dirty set can only shrink, and wait for it to empty (state
 //! `waiting`, then `pending`). Finalizing drains guest I/O on the source
-//! volume (its I/O gate), checks once more that nothing is dirty, flushes the
-//! target, switches the volume to the target (complete only), and lets guest
-//! I/O go on — the guest-visible pause is the time the gate was held.
+//! volume (its I/O gate), checks once more that nothing is dirty, switches
+//! the volume to the target (complete only), and lets guest I/O go on — the
+//! guest-visible pause is the time the gate was held. Before the drain, the
+//! target is flushed if the copier wrote to it since its last flush (see
+//! `durability`: guest writes since READY carry the guest's own
+//! durability and are left to the kernel's writeback).
 
 pub mod active;
+pub mod durability;
 pub mod hot;
 pub mod policy;
 mod runner;

@@ -440,7 +440,7 @@ impl Job {
                 // READY promises a usable copy: make it durable first (QEMU
                 // flushes the target before READY too). Guest writes go on
                 // meanwhile; if they dirtied chunks, READY waits.
-                if let Err(error) = self.mirror.target().flush().await {
+                if let Err(error) = self.mirror.flush_target().await {
                     self.on_io_error(MirrorIoError {
                         side: super::active::Side::Target,
                         operation: "flush",
@@ -468,14 +468,12 @@ impl Job {
     /// (for complete) switches the volume to it. False: not in sync after
     /// all (or the flush failed); the runner keeps going.
     async fn finalize_now(&self, pivot: bool) -> bool {
-        // Write the target back before holding guest I/O, so the pause
-        // covers only what guests wrote in the last moments.
-        if let Err(error) = self.mirror.target().flush().await {
-            self.on_io_error(MirrorIoError {
-                side: super::active::Side::Target,
-                operation: "flush",
-                error,
-            });
+        // Make the copier's writes durable before holding guest I/O. Only
+        // they need it: guest writes since READY reached the target with
+        // the guest's own durability (see `durability`), and flushing them
+        // too would write back seconds of page cache on a busy volume,
+        // taking CPU and disk from the guests right at the pivot.
+        if !self.flush_owed_target().await {
             return false;
         }
         // The target volume's file is to back the source volume: the
@@ -494,17 +492,17 @@ impl Job {
         // The pause's parts, for the log: waiting for guest I/O in flight,
         // then installing the volume definitions.
         let drained = held_at.elapsed();
-        if self.mirror.dirty_chunks() > 0 {
+        // Nothing was copied since the flush above (the runner is here, not
+        // copying), so the target owes a flush now only if a guest flush
+        // skipped it meanwhile (after a mode change by hand): rare, and then
+        // paid under the pause.
+        if self.mirror.dirty_chunks() > 0 || !self.flush_owed_target().await {
             drop(gate);
             if let Some(p) = prepared {
                 self.definitions.discard(p);
             }
             return false;
         }
-        // No second flush under the gate: nothing was copied since the
-        // flush above (the runner is here, not copying), and guest writes
-        // since then went to both sides with the guest's own durability
-        // (a guest flush in write-blocking mode flushes the target too).
         if pivot {
             self.source.set_backend(Arc::clone(&self.target_backend));
             if let Err(e) = self.definitions.commit_pivot(prepared, absorbed.as_deref()) {
@@ -542,6 +540,22 @@ impl Job {
             "job completed"
         );
         true
+    }
+
+    /// Flushes the target if it owes a flush (see `durability`). False if
+    /// the flush failed (reported to the job's error policy).
+    async fn flush_owed_target(&self) -> bool {
+        match self.mirror.flush_target_if_owed().await {
+            Ok(_) => true,
+            Err(error) => {
+                self.on_io_error(MirrorIoError {
+                    side: super::active::Side::Target,
+                    operation: "flush",
+                    error,
+                });
+                false
+            }
+        }
     }
 
     /// Writes the definitions as they will be after the pivot, off the
