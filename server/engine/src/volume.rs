@@ -408,21 +408,14 @@ impl Volume {
     }
 
     /// Discards a range. blockmirror deallocates it, so it reads as zeroes
-    /// afterwards on both sides of a mirror.
+    /// afterwards on both sides of a mirror. With `fua`, the discard is
+    /// durable when this returns (NBD's TRIM with FUA).
     ///
     /// # Errors
     /// As [`Self::write`].
-    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.submit(
-            offset,
-            len,
-            WriteOp::Zeroes {
-                punch: true,
-                fua: false,
-            },
-            None,
-        )
-        .await
+    pub async fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.submit(offset, len, WriteOp::Zeroes { punch: true, fua }, None)
+            .await
     }
 
     /// Allocation of `[offset, offset+len)` as (length, reads-as-zero)

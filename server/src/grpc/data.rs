@@ -71,7 +71,8 @@ impl DataService for DataApi {
     ) -> Result<Response<v1::DiscardResponse>, Status> {
         let r = req.into_inner();
         let v = self.engine.volume(&r.volume).status()?;
-        to_completion(async move { v.discard(r.offset_bytes, r.length_bytes).await }).await?;
+        to_completion(async move { v.discard(r.offset_bytes, r.length_bytes, false).await })
+            .await?;
         Ok(Response::new(v1::DiscardResponse {}))
     }
 

@@ -538,7 +538,10 @@ async fn run(sel: &Selected, req: &Request, data: Option<Payload>) -> Outcome {
                 .map(|()| Outcome::Error(EINVAL, "write payload missing".into())),
         },
         Command::Flush => v.flush().await.map(|()| Outcome::Done),
-        Command::Trim => v.discard(req.offset, len).await.map(|()| Outcome::Done),
+        Command::Trim => v
+            .discard(req.offset, len, fua)
+            .await
+            .map(|()| Outcome::Done),
         Command::WriteZeroes => v
             .write_zeroes(req.offset, len, req.has(CMD_FLAG_NO_HOLE), fua)
             .await

@@ -688,7 +688,10 @@ impl ActiveMirror {
     /// dirty chunks go to the source alone; the copier's data is the job's
     /// business, see [`Self::flush_target_if_owed`]). A flush that leaves
     /// guest writes on the target unflushed (background mode, a failing
-    /// target) is owed by the job before the pivot.
+    /// target) is owed by the job before the pivot. If the target's flush
+    /// fails, the guest's still succeeds (the source has its data, as for a
+    /// failed target write), every chunk is dirty again (see
+    /// `target_flush_failed`) and the error goes to the job's policy.
     ///
     /// # Errors
     /// The source's flush error.
@@ -705,7 +708,7 @@ impl ActiveMirror {
         match tgt {
             Ok(()) => self.durability.flushed(mark),
             Err(e) => {
-                self.durability.guest_flush_skipped_target();
+                self.target_flush_failed();
                 self.record_error(Side::Target, "flush", e);
             }
         }
@@ -715,12 +718,29 @@ impl ActiveMirror {
     /// Flushes the target and records what the flush covered.
     ///
     /// # Errors
-    /// The target's flush error.
+    /// The target's flush error (everything is dirty again then).
     pub async fn flush_target(&self) -> Result<()> {
         let mark = self.durability.mark();
-        self.target.flush().await?;
-        self.durability.flushed(mark);
-        Ok(())
+        match self.target.flush().await {
+            Ok(()) => {
+                self.durability.flushed(mark);
+                Ok(())
+            }
+            Err(e) => {
+                self.target_flush_failed();
+                Err(e)
+            }
+        }
+    }
+
+    /// A failed flush may have lost any write since the last good one, and
+    /// a later flush cannot tell: Linux marks the pages it failed to write
+    /// clean and reports the error once. So no clean chunk is known to be
+    /// on the target's disk any more: all are dirty again, and the copier
+    /// writes them anew before the target can be READY or pivoted to.
+    fn target_flush_failed(&self) {
+        self.mark_all_dirty();
+        self.wake.notify_one();
     }
 
     /// Whether the target owes a flush before it is a durable copy of the
@@ -1079,11 +1099,12 @@ mod flush_tests {
     use crate::backend::MemBackend;
     use std::sync::atomic::AtomicUsize;
 
-    /// Memory that counts its flushes.
+    /// Memory that counts its flushes (and fails them when told).
     #[derive(Debug)]
     struct Counting {
         mem: MemBackend,
         flushes: AtomicUsize,
+        fail_flushes: AtomicBool,
     }
 
     impl BlockBackend for Counting {
@@ -1101,6 +1122,9 @@ mod flush_tests {
         }
         fn flush(&self) -> std::io::Result<()> {
             self.flushes.fetch_add(1, Ordering::Relaxed);
+            if self.fail_flushes.load(Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
             Ok(())
         }
         fn path(&self) -> &str {
@@ -1112,6 +1136,7 @@ mod flush_tests {
         Arc::new(Counting {
             mem: MemBackend::new(1 << 20),
             flushes: AtomicUsize::new(0),
+            fail_flushes: AtomicBool::new(false),
         })
     }
 
@@ -1211,5 +1236,38 @@ mod flush_tests {
         m.guest_flush(&src).await.unwrap();
         assert_eq!(flushes(&t), 2);
         assert!(!m.target_flush_owed());
+    }
+
+    /// A failed target flush may have lost writes a later flush cannot
+    /// see (Linux reports a writeback error once): the guest's flush still
+    /// succeeds on the source, but nothing on the target counts as copied.
+    #[tokio::test]
+    async fn a_failed_target_flush_makes_every_chunk_dirty() {
+        const GRAN: u64 = 64 << 10;
+        let (s, t) = (counting(), counting());
+        let src = Device::unthrottled(s.clone());
+        let m = ActiveMirror::new(1 << 20, GRAN, Device::unthrottled(t.clone()), 1 << 20, true);
+        m.guest_write(
+            &src,
+            0,
+            4096,
+            WriteOp::Data {
+                data: Bytes::from(vec![1u8; 4096]),
+                fua: false,
+            },
+            None,
+            &mut WriteTiming::start(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.dirty_chunks(), 0);
+        t.fail_flushes.store(true, Ordering::Relaxed);
+        m.guest_flush(&src).await.unwrap();
+        assert_eq!(m.dirty_chunks(), m.chunk_count());
+        assert_eq!(m.take_errors().len(), 1, "the policy hears of it");
+        // The job's own flush, likewise.
+        m.bitmap().clear_all();
+        assert!(m.flush_target().await.is_err());
+        assert_eq!(m.dirty_chunks(), m.chunk_count());
     }
 }

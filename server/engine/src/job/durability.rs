@@ -16,7 +16,10 @@
 //! or while the target was failing) after guest writes had reached it.
 //!
 //! Counters only grow. A flush samples them *before* it starts, so a write
-//! that completes during the flush is not taken as covered.
+//! that completes during the flush is not taken as covered. Only a flush
+//! that succeeded counts; one that failed makes every chunk dirty instead
+//! (`ActiveMirror::target_flush_failed`), since a later flush cannot tell
+//! what the failed one lost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

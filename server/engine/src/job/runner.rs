@@ -34,12 +34,22 @@ const TREND_TICKS: usize = 30;
 const ACTIVE_COPY_OP_BYTES: u64 = 256 << 10;
 /// ... and at most this many in flight (one doing I/O, one waiting its turn).
 const ACTIVE_COPY_OPS: usize = 2;
-/// Pause before retrying after a copy error the policy let pass.
 /// A region guests wrote counts as hot for one to two of these (`hot.rs`).
 const HOT_WINDOW: Duration = Duration::from_secs(1);
+/// Pause before retrying after a copy error the policy let pass.
 const ERROR_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 type CopyResult = (u64, u64, Result<u64, MirrorIoError>);
+
+/// How much of the target a job's flush must make durable.
+#[derive(Debug, Clone, Copy)]
+enum TargetFlush {
+    /// Everything written to it (READY, and a target the job lets go).
+    Whole,
+    /// Only what it owes (see `durability`): nothing, if all writes since
+    /// its last flush came from guests that did not ask for durability.
+    Owed,
+}
 
 /// Keeps the copier to its share of the time while guests are active: for
 /// every microsecond copies spent on I/O, it rests `(100 - share) / share`
@@ -440,12 +450,7 @@ impl Job {
                 // READY promises a usable copy: make it durable first (QEMU
                 // flushes the target before READY too). Guest writes go on
                 // meanwhile; if they dirtied chunks, READY waits.
-                if let Err(error) = self.mirror.flush_target().await {
-                    self.on_io_error(MirrorIoError {
-                        side: super::active::Side::Target,
-                        operation: "flush",
-                        error,
-                    });
+                if !self.flush_target(TargetFlush::Whole).await {
                     return false;
                 }
                 let mut s = self.lock();
@@ -464,16 +469,26 @@ impl Job {
         }
     }
 
-    /// Drains guest I/O, and if still in sync, flushes the target and
-    /// (for complete) switches the volume to it. False: not in sync after
+    /// Flushes the target (for a pivot, only what it owes), drains guest
+    /// I/O, and if still in sync, switches the volume to the target (for
+    /// complete). False: not in sync after
     /// all (or the flush failed); the runner keeps going.
     async fn finalize_now(&self, pivot: bool) -> bool {
-        // Make the copier's writes durable before holding guest I/O. Only
-        // they need it: guest writes since READY reached the target with
-        // the guest's own durability (see `durability`), and flushing them
-        // too would write back seconds of page cache on a busy volume,
-        // taking CPU and disk from the guests right at the pivot.
-        if !self.flush_owed_target().await {
+        // Make the target durable before holding guest I/O. A pivot needs
+        // only the copier's writes flushed: guest writes since READY reached
+        // the target with the guest's own durability (see `durability`),
+        // and the target is the guest's disk from now on. Flushing them too
+        // would write back seconds of page cache on a busy volume, taking
+        // CPU and disk from the guests right at the pivot. A cancel in READY
+        // lets the target go as a copy nobody else will flush: all of it
+        // (up to here; guest writes after this carry their own durability,
+        // as at the pivot).
+        let flush = if pivot {
+            TargetFlush::Owed
+        } else {
+            TargetFlush::Whole
+        };
+        if !self.flush_target(flush).await {
             return false;
         }
         // The target volume's file is to back the source volume: the
@@ -496,7 +511,7 @@ impl Job {
         // copying), so the target owes a flush now only if a guest flush
         // skipped it meanwhile (after a mode change by hand): rare, and then
         // paid under the pause.
-        if self.mirror.dirty_chunks() > 0 || !self.flush_owed_target().await {
+        if self.mirror.dirty_chunks() > 0 || !self.flush_target(TargetFlush::Owed).await {
             drop(gate);
             if let Some(p) = prepared {
                 self.definitions.discard(p);
@@ -542,11 +557,15 @@ impl Job {
         true
     }
 
-    /// Flushes the target if it owes a flush (see `durability`). False if
+    /// Flushes the target, all of it or only if it owes a flush. False if
     /// the flush failed (reported to the job's error policy).
-    async fn flush_owed_target(&self) -> bool {
-        match self.mirror.flush_target_if_owed().await {
-            Ok(_) => true,
+    async fn flush_target(&self, what: TargetFlush) -> bool {
+        let flushed = match what {
+            TargetFlush::Whole => self.mirror.flush_target().await,
+            TargetFlush::Owed => self.mirror.flush_target_if_owed().await.map(drop),
+        };
+        match flushed {
+            Ok(()) => true,
             Err(error) => {
                 self.on_io_error(MirrorIoError {
                     side: super::active::Side::Target,
