@@ -162,7 +162,11 @@ pub async fn run(
                 }
             }
         };
+        // Flow-control windows sized for the data budget (see `admission`).
         let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(grpc::admission::HTTP2_MAX_STREAMS)
+            .initial_stream_window_size(grpc::admission::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(grpc::admission::HTTP2_CONNECTION_WINDOW)
             .layer(tower::util::option_layer(telemetry.rpc_layer(server)))
             .add_routes(routes.clone());
         let stop = stop.clone();

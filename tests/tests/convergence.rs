@@ -203,6 +203,69 @@ async fn bytes_in_flight_stay_under_buf_size_with_a_slow_target() {
     );
 }
 
+/// tonic decodes a request's whole message before its handler runs, so
+/// without the DataService's admission budget (16 MiB, server/src/grpc/
+/// admission.rs) every concurrent gRPC write onto a slow volume would sit
+/// decoded in memory while it waits for the volume. With it, the server
+/// reads a payload only once it fits, and HTTP/2 flow control holds the
+/// rest at the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_write_payloads_are_read_only_once_they_fit_the_budget() {
+    const WRITES: u64 = 32;
+    const LEN: u64 = 4 << 20;
+    let server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("v", WRITES * LEN).await;
+    // 2 MiB/s: each 4 MiB write waits for the volume's limit.
+    c.limit("v", 2 << 20).await;
+    c.write("v", 0, vec![0; 4096]).await;
+    let idle = server.rss_bytes();
+    // 128 MiB of writes on one connection at once.
+    let mut tasks = Vec::new();
+    for i in 0..WRITES {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.write("v", i * LEN, vec![u8::try_from(i + 1).unwrap(); 4 << 20])
+                .await;
+        }));
+    }
+    let mut peak = idle;
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        peak = peak.max(server.rss_bytes());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let growth = peak.saturating_sub(idle);
+    // Lift the limit so the writes finish, then check every one landed.
+    c.limit("v", 0).await;
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("every write finishes once the limit is lifted")
+            .unwrap();
+    }
+    for i in 0..WRITES {
+        let back = c.read("v", i * LEN, LEN).await;
+        let want = u8::try_from(i + 1).unwrap();
+        assert!(
+            back.iter().all(|&b| b == want),
+            "write {i} did not land whole"
+        );
+    }
+    eprintln!(
+        "RSS growth with {WRITES} writes of {} MiB in flight: {:.1} MiB",
+        LEN >> 20,
+        growth as f64 / f64::from(1 << 20)
+    );
+    // Budget 16 MiB, plus at most one 64 KiB stream window per waiting
+    // write, plus the engine's own buffers: well under the 128 MiB that
+    // decoding everything at once would hold.
+    assert!(
+        growth < 48 << 20,
+        "RSS grew by {growth} bytes with {WRITES} × {LEN} bytes of writes in flight"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_mode_is_chosen_per_job_and_changed_both_ways() {
     let server = TestServer::start();

@@ -1,5 +1,6 @@
 //! The gRPC front end: one service per resource, errors mapped in `status`.
 
+pub mod admission;
 mod convert;
 mod data;
 mod job;
@@ -49,11 +50,14 @@ pub async fn routes(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(blockmirror_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let data = v1::data_service_server::DataServiceServer::new(data::DataApi {
-        engine: Arc::clone(&engine),
-    })
-    .max_decoding_message_size(64 << 20)
-    .max_encoding_message_size(64 << 20);
+    let data = admission::Admission::new(
+        v1::data_service_server::DataServiceServer::new(data::DataApi {
+            engine: Arc::clone(&engine),
+        })
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20),
+        admission::DATA_PAYLOAD_BUDGET,
+    );
     Ok(Routes::new(health)
         .add_service(reflection)
         .add_service(v1::volume_service_server::VolumeServiceServer::new(
