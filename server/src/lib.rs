@@ -167,6 +167,9 @@ pub async fn run(
             .max_concurrent_streams(grpc::admission::HTTP2_MAX_STREAMS)
             .initial_stream_window_size(grpc::admission::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(grpc::admission::HTTP2_CONNECTION_WINDOW)
+            // A peer that is gone (not just slow) releases what it holds.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .layer(tower::util::option_layer(telemetry.rpc_layer(server)))
             .add_routes(routes.clone());
         let stop = stop.clone();

@@ -23,25 +23,40 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tonic::server::NamedService;
 use tower::Service;
 
-/// Bytes of gRPC data payloads the server admits at once. A larger message
-/// takes the whole budget and is admitted alone.
+/// Bytes of gRPC data payloads the server admits at once, across all
+/// volumes. A larger message takes the whole budget and is admitted alone.
 pub const DATA_PAYLOAD_BUDGET: u32 = 16 << 20;
+/// The largest DataService message the server decodes; tonic refuses a
+/// larger one, so its bytes are never held and it takes no budget.
+pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
+/// How long an admitted request's body may go without a frame before the
+/// request fails: a client that stalls halfway through a message must not
+/// keep the server's budget.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Concurrent streams per gRPC connection (event watches count).
 pub const HTTP2_MAX_STREAMS: u32 = 256;
 /// Each stream's receive window: what a client may send ahead of the
-/// server reading it.
+/// server reading it. Messages up to this size take no budget: flow
+/// control bounds them already.
 pub const HTTP2_STREAM_WINDOW: u32 = 64 << 10;
 /// The connection's receive window: every stream's, so streams waiting for
 /// budget (at most all but one) always leave room for the one holding it.
+/// It is also what one connection can make the server buffer outside the
+/// budget (16 MiB).
 pub const HTTP2_CONNECTION_WINDOW: u32 = HTTP2_MAX_STREAMS * HTTP2_STREAM_WINDOW;
 
 /// A gRPC message's prefix: a compression flag and a big-endian length.
+/// (The DataService accepts no compression, so the length is the size the
+/// decoded message takes.)
 const PREFIX_BYTES: usize = 5;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A service whose requests take their payload's size from a shared budget
 /// before their body is read past the gRPC length prefix.
@@ -80,30 +95,42 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let held = Held::default();
-        let (budget, budget_bytes, body_held) =
-            (Arc::clone(&self.budget), self.budget_bytes, held.clone());
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        let admitted = AdmittedPayload::default();
+        // For handlers whose work outlives the call (see `AdmittedPayload`).
+        req.extensions_mut().insert(admitted.clone());
+        let budget = Budget {
+            semaphore: Arc::clone(&self.budget),
+            bytes: self.budget_bytes,
+            free_up_to: HTTP2_STREAM_WINDOW,
+            max_message: MAX_MESSAGE_BYTES,
+            idle_timeout: BODY_IDLE_TIMEOUT,
+        };
+        let body_admitted = admitted.clone();
         let req = req.map(move |body| {
-            tonic::body::Body::new(AdmittedBody::new(body, budget, budget_bytes, body_held))
+            tonic::body::Body::new(AdmittedBody::new(body, budget, body_admitted))
         });
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await;
-            // The handler has returned, and with it the decoded request.
-            drop(held);
+            // The handler has returned; a task it left running holds its
+            // own clone.
+            drop(admitted);
             response
         })
     }
 }
 
-/// The budget a request holds, shared by its body (which takes it) and its
-/// response future (which outlives the body: tonic drops the body once the
-/// message is decoded, before the handler runs).
+/// The budget a request's payload holds. Its body takes the budget, and the
+/// call's response future holds it until the handler returns: tonic drops
+/// the body once the message is decoded, before the handler runs. The
+/// request's extensions carry a clone, for a handler that hands the decoded
+/// message to a task that outlives the call (a write runs to completion
+/// even if the client gives up): that task keeps the clone until it ends.
 #[derive(Debug, Clone, Default)]
-struct Held(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+pub struct AdmittedPayload(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
 
-impl Held {
+impl AdmittedPayload {
     fn keep(&self, permit: OwnedSemaphorePermit) {
         *self
             .0
@@ -112,20 +139,47 @@ impl Held {
     }
 }
 
+/// The shared budget as one body sees it.
+#[derive(Debug, Clone)]
+struct Budget {
+    semaphore: Arc<Semaphore>,
+    /// Its size.
+    bytes: u32,
+    /// Messages up to this size take none (flow control bounds them).
+    free_up_to: u32,
+    /// Messages over this size take none (tonic refuses them).
+    max_message: u32,
+    idle_timeout: Duration,
+}
+
+impl Budget {
+    /// What a message of `len` bytes takes: none if flow control bounds
+    /// it already or tonic will refuse it; never more than the whole budget.
+    fn for_message(&self, len: u32) -> u32 {
+        if len <= self.free_up_to || len > self.max_message {
+            0
+        } else {
+            len.min(self.bytes)
+        }
+    }
+}
+
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// A request body that waits for budget once it has seen the message's
-/// length, before it passes on the frame that completed the prefix.
+/// length, before it passes on the frame that completed the prefix; once
+/// admitted, it fails if the client stops sending for `idle_timeout`.
 struct AdmittedBody<B> {
     inner: B,
-    budget: Arc<Semaphore>,
-    budget_bytes: u32,
+    budget: Budget,
     prefix: [u8; PREFIX_BYTES],
     prefix_seen: usize,
     /// The frame that completed the prefix, while its budget is acquired.
     stashed: Option<Frame<Bytes>>,
     acquiring: Option<Acquire>,
-    held: Held,
+    /// Set once admitted: when the body fails if no frame comes first.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    admitted: AdmittedPayload,
 }
 
 impl<B> std::fmt::Debug for AdmittedBody<B> {
@@ -138,16 +192,16 @@ impl<B> std::fmt::Debug for AdmittedBody<B> {
 }
 
 impl<B> AdmittedBody<B> {
-    fn new(inner: B, budget: Arc<Semaphore>, budget_bytes: u32, held: Held) -> Self {
+    fn new(inner: B, budget: Budget, admitted: AdmittedPayload) -> Self {
         Self {
             inner,
             budget,
-            budget_bytes,
             prefix: [0; PREFIX_BYTES],
             prefix_seen: 0,
             stashed: None,
             acquiring: None,
-            held,
+            idle: None,
+            admitted,
         }
     }
 
@@ -171,41 +225,75 @@ impl<B> AdmittedBody<B> {
             ])
         })
     }
+
+    /// Starts (or restarts) the idle deadline of an admitted body.
+    fn arm_idle(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.budget.idle_timeout;
+        match self.idle.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.idle = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
 }
 
 impl<B> Body for AdmittedBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some(acquire) = this.acquiring.as_mut() {
             let permit = ready!(acquire.as_mut().poll(cx));
             this.acquiring = None;
             // The semaphore is never closed, so this always holds a permit.
             if let Ok(permit) = permit {
-                this.held.keep(permit);
+                this.admitted.keep(permit);
             }
+            this.arm_idle();
             return Poll::Ready(this.stashed.take().map(Ok));
         }
-        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => frame,
-            other => return Poll::Ready(other),
-        };
-        match this.read_prefix(&frame) {
-            Some(len) if len > 0 => {
-                let bytes = len.min(this.budget_bytes);
-                this.acquiring = Some(Box::pin(Arc::clone(&this.budget).acquire_many_owned(bytes)));
-                this.stashed = Some(frame);
-                Pin::new(this).poll_frame(cx)
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let frame = match polled {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(other) => {
+                this.idle = None;
+                return Poll::Ready(other.map(|r| r.map_err(Into::into)));
             }
-            _ => Poll::Ready(Some(Ok(frame))),
+            Poll::Pending => {
+                if let Some(idle) = this.idle.as_mut() {
+                    ready!(idle.as_mut().poll(cx));
+                    this.idle = None;
+                    return Poll::Ready(Some(Err(format!(
+                        "the request body stalled for {:?} after its payload was admitted",
+                        this.budget.idle_timeout
+                    )
+                    .into())));
+                }
+                return Poll::Pending;
+            }
+        };
+        if this.idle.is_some() {
+            this.arm_idle();
+        }
+        match this.read_prefix(&frame) {
+            Some(len) => match this.budget.for_message(len) {
+                0 => Poll::Ready(Some(Ok(frame))),
+                bytes => {
+                    this.acquiring = Some(Box::pin(
+                        Arc::clone(&this.budget.semaphore).acquire_many_owned(bytes),
+                    ));
+                    this.stashed = Some(frame);
+                    Pin::new(this).poll_frame(cx)
+                }
+            },
+            None => Poll::Ready(Some(Ok(frame))),
         }
     }
 
@@ -224,36 +312,63 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::{Stream, StreamExt};
     use http_body_util::{BodyExt, StreamBody};
     use std::convert::Infallible;
-    use std::time::Duration;
 
-    type TestBody =
-        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+    type Frames = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
+    type TestBody = StreamBody<Frames>;
 
-    /// A gRPC message of `len` payload bytes, cut into frames of `frame`.
-    fn message(len: u32, frame: usize) -> TestBody {
+    /// A gRPC message of `len` payload bytes, cut into frames of `frame`;
+    /// with `stall`, the client stops after the first frame.
+    fn message(len: u32, frame: usize, stall: bool) -> TestBody {
         let mut bytes = vec![0u8];
         bytes.extend_from_slice(&len.to_be_bytes());
         bytes.resize(PREFIX_BYTES + len as usize, 7);
-        let frames: Vec<_> = bytes
+        let mut frames: Vec<_> = bytes
             .chunks(frame)
             .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
             .collect();
-        StreamBody::new(futures::stream::iter(frames))
+        if stall {
+            frames.truncate(1);
+            return StreamBody::new(Box::pin(
+                futures::stream::iter(frames).chain(futures::stream::pending()),
+            ));
+        }
+        StreamBody::new(Box::pin(futures::stream::iter(frames)))
     }
 
-    fn admitted(body: TestBody, budget: &Arc<Semaphore>, held: &Held) -> AdmittedBody<TestBody> {
-        AdmittedBody::new(body, Arc::clone(budget), 1000, held.clone())
+    /// A body behind a budget of 1000 bytes (`semaphore`'s permits), free
+    /// up to 16 bytes, refusing over 10 000, with a 100 ms idle timeout.
+    fn admitted(
+        body: TestBody,
+        semaphore: &Arc<Semaphore>,
+        held: &AdmittedPayload,
+    ) -> AdmittedBody<TestBody> {
+        let budget = Budget {
+            semaphore: Arc::clone(semaphore),
+            bytes: 1000,
+            free_up_to: 16,
+            max_message: 10_000,
+            idle_timeout: Duration::from_millis(100),
+        };
+        AdmittedBody::new(body, budget, held.clone())
+    }
+
+    async fn collect(body: AdmittedBody<TestBody>) -> Result<Bytes, BoxError> {
+        tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .expect("the body never ended")
+            .map(http_body_util::Collected::to_bytes)
     }
 
     #[tokio::test]
     async fn a_body_waits_for_budget_and_holds_it_until_released() {
         let budget = Arc::new(Semaphore::new(1000));
-        let (first_held, second_held) = (Held::default(), Held::default());
+        let (first_held, second_held) = (AdmittedPayload::default(), AdmittedPayload::default());
         // The prefix arrives split over two frames.
-        let first = admitted(message(600, 3), &budget, &first_held);
-        let bytes = first.collect().await.unwrap().to_bytes();
+        let first = admitted(message(600, 3, false), &budget, &first_held);
+        let bytes = collect(first).await.unwrap();
         assert_eq!(bytes.len(), PREFIX_BYTES + 600, "every byte passed through");
         assert_eq!(
             budget.available_permits(),
@@ -261,8 +376,8 @@ mod tests {
             "the body is gone, the call holds its budget"
         );
 
-        let second = admitted(message(600, 64), &budget, &second_held);
-        let collecting = tokio::spawn(async move { second.collect().await.unwrap().to_bytes() });
+        let second = admitted(message(600, 64, false), &budget, &second_held);
+        let collecting = tokio::spawn(collect(second));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             !collecting.is_finished(),
@@ -270,10 +385,7 @@ mod tests {
         );
 
         drop(first_held);
-        let bytes = tokio::time::timeout(Duration::from_secs(5), collecting)
-            .await
-            .expect("admitted once the first call released its budget")
-            .unwrap();
+        let bytes = collecting.await.unwrap().unwrap();
         assert_eq!(bytes.len(), PREFIX_BYTES + 600);
         assert_eq!(budget.available_permits(), 400);
         drop(second_held);
@@ -283,13 +395,9 @@ mod tests {
     #[tokio::test]
     async fn a_message_larger_than_the_budget_is_admitted_alone() {
         let budget = Arc::new(Semaphore::new(1000));
-        let held = Held::default();
-        let big = admitted(message(5000, 1024), &budget, &held);
-        let bytes = tokio::time::timeout(Duration::from_secs(5), big.collect())
-            .await
-            .expect("not stuck waiting for more than the budget")
-            .unwrap()
-            .to_bytes();
+        let held = AdmittedPayload::default();
+        let big = admitted(message(5000, 1024, false), &budget, &held);
+        let bytes = collect(big).await.unwrap();
         assert_eq!(bytes.len(), PREFIX_BYTES + 5000);
         assert_eq!(budget.available_permits(), 0, "it took the whole budget");
         drop(held);
@@ -297,15 +405,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_empty_message_takes_no_budget() {
+    async fn small_and_refused_messages_take_no_budget() {
+        // No permits at all: these must not wait for any.
         let budget = Arc::new(Semaphore::new(0));
-        let held = Held::default();
-        let empty = admitted(message(0, 16), &budget, &held);
-        let bytes = tokio::time::timeout(Duration::from_secs(5), empty.collect())
-            .await
-            .expect("an empty message never waits")
-            .unwrap()
-            .to_bytes();
-        assert_eq!(bytes.len(), PREFIX_BYTES);
+        let held = AdmittedPayload::default();
+        for len in [0, 16, 20_000] {
+            let body = admitted(message(len, 512, false), &budget, &held);
+            let bytes = collect(body).await.unwrap();
+            assert_eq!(bytes.len(), PREFIX_BYTES + len as usize);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stalls_after_admission_loses_its_request() {
+        let budget = Arc::new(Semaphore::new(1000));
+        let held = AdmittedPayload::default();
+        let stalled = admitted(message(600, 64, true), &budget, &held);
+        let err = collect(stalled).await.unwrap_err();
+        assert!(err.to_string().contains("stalled"), "{err}");
+        // The failed call ends, and its budget goes back.
+        drop(held);
+        assert_eq!(budget.available_permits(), 1000);
+        // Waiting for budget is not stalling: that is the server's doing.
+        let taken = Arc::clone(&budget).acquire_many_owned(1000).await.unwrap();
+        let waiting_held = AdmittedPayload::default();
+        let waiting = tokio::spawn(collect(admitted(
+            message(600, 64, false),
+            &budget,
+            &waiting_held,
+        )));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished());
+        drop(taken);
+        assert_eq!(waiting.await.unwrap().unwrap().len(), PREFIX_BYTES + 600);
     }
 }

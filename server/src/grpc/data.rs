@@ -1,5 +1,6 @@
 //! DataService: guest I/O over gRPC, through the same write path as NBD.
 
+use super::admission::AdmittedPayload;
 use super::status::IntoStatus;
 use blockmirror_engine::Engine;
 use blockmirror_proto::v1::{self, data_service_server::DataService};
@@ -50,9 +51,16 @@ impl DataService for DataApi {
         &self,
         req: Request<v1::WriteRequest>,
     ) -> Result<Response<v1::WriteResponse>, Status> {
+        // The payload's share of the admission budget stays taken while
+        // the write runs, even if the client gives up first.
+        let admitted = req.extensions().get::<AdmittedPayload>().cloned();
         let r = req.into_inner();
         let v = self.engine.volume(&r.volume).status()?;
-        to_completion(async move { v.write(r.offset_bytes, r.data, r.fua).await }).await?;
+        to_completion(async move {
+            let _admitted = admitted;
+            v.write(r.offset_bytes, r.data, r.fua).await
+        })
+        .await?;
         Ok(Response::new(v1::WriteResponse {}))
     }
 

@@ -54,8 +54,8 @@ pub async fn routes(
         v1::data_service_server::DataServiceServer::new(data::DataApi {
             engine: Arc::clone(&engine),
         })
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20),
+        .max_decoding_message_size(admission::MAX_MESSAGE_BYTES as usize)
+        .max_encoding_message_size(admission::MAX_MESSAGE_BYTES as usize),
         admission::DATA_PAYLOAD_BUDGET,
     );
     Ok(Routes::new(health)

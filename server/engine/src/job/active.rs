@@ -1132,6 +1132,17 @@ mod flush_tests {
         }
     }
 
+    /// A 4 KiB guest write at `off`.
+    async fn write_4k(m: &ActiveMirror, src: &Device, off: u64) {
+        let op = WriteOp::Data {
+            data: Bytes::from(vec![7u8; 4096]),
+            fua: false,
+        };
+        m.guest_write(src, off, 4096, op, None, &mut WriteTiming::start())
+            .await
+            .unwrap();
+    }
+
     fn counting() -> Arc<Counting> {
         Arc::new(Counting {
             mem: MemBackend::new(1 << 20),
@@ -1146,18 +1157,7 @@ mod flush_tests {
         let (s, t) = (counting(), counting());
         let src = Device::unthrottled(s.clone());
         let m = ActiveMirror::new(1 << 20, GRAN, Device::unthrottled(t.clone()), 1 << 20, true);
-        let write = |off: u64| {
-            let op = WriteOp::Data {
-                data: Bytes::from(vec![7u8; 4096]),
-                fua: false,
-            };
-            let (m, src) = (&m, &src);
-            async move {
-                m.guest_write(src, off, 4096, op, None, &mut WriteTiming::start())
-                    .await
-                    .unwrap();
-            }
-        };
+        let write = |off: u64| write_4k(&m, &src, off);
         let flushes = |b: &Counting| b.flushes.load(Ordering::Relaxed);
 
         // Nothing written yet: the source alone.
@@ -1220,19 +1220,7 @@ mod flush_tests {
         let permit = m.budget.acquire(GRAN).await;
         m.copy_range(&src, 4, 5, &speed, permit).await.unwrap();
         assert!(m.target_flush_owed());
-        m.guest_write(
-            &src,
-            8 * GRAN,
-            4096,
-            WriteOp::Data {
-                data: Bytes::from(vec![1u8; 4096]),
-                fua: false,
-            },
-            None,
-            &mut WriteTiming::start(),
-        )
-        .await
-        .unwrap();
+        write_4k(&m, &src, 8 * GRAN).await;
         m.guest_flush(&src).await.unwrap();
         assert_eq!(flushes(&t), 2);
         assert!(!m.target_flush_owed());
@@ -1247,19 +1235,7 @@ mod flush_tests {
         let (s, t) = (counting(), counting());
         let src = Device::unthrottled(s.clone());
         let m = ActiveMirror::new(1 << 20, GRAN, Device::unthrottled(t.clone()), 1 << 20, true);
-        m.guest_write(
-            &src,
-            0,
-            4096,
-            WriteOp::Data {
-                data: Bytes::from(vec![1u8; 4096]),
-                fua: false,
-            },
-            None,
-            &mut WriteTiming::start(),
-        )
-        .await
-        .unwrap();
+        write_4k(&m, &src, 0).await;
         assert_eq!(m.dirty_chunks(), 0);
         t.fail_flushes.store(true, Ordering::Relaxed);
         m.guest_flush(&src).await.unwrap();
