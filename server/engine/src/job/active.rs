@@ -416,11 +416,6 @@ impl ActiveMirror {
         self.bitmap().len()
     }
 
-    /// The target device.
-    pub fn target(&self) -> &Device {
-        &self.target
-    }
-
     /// True when guest writes go to the target before they are acknowledged.
     pub fn is_write_blocking(&self) -> bool {
         self.write_blocking.load(Ordering::Acquire)
