@@ -63,8 +63,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct Admission<S> {
     inner: S,
-    budget: Arc<Semaphore>,
-    budget_bytes: u32,
+    /// What each request's body is handed (shares one semaphore).
+    budget: Budget,
 }
 
 impl<S> Admission<S> {
@@ -72,8 +72,13 @@ impl<S> Admission<S> {
     pub fn new(inner: S, budget_bytes: u32) -> Self {
         Self {
             inner,
-            budget: Arc::new(Semaphore::new(budget_bytes as usize)),
-            budget_bytes,
+            budget: Budget {
+                semaphore: Arc::new(Semaphore::new(budget_bytes as usize)),
+                bytes: budget_bytes,
+                free_up_to: HTTP2_STREAM_WINDOW,
+                max_message: MAX_MESSAGE_BYTES,
+                idle_timeout: BODY_IDLE_TIMEOUT,
+            },
         }
     }
 }
@@ -99,13 +104,7 @@ where
         let admitted = AdmittedPayload::default();
         // For handlers whose work outlives the call (see `AdmittedPayload`).
         req.extensions_mut().insert(admitted.clone());
-        let budget = Budget {
-            semaphore: Arc::clone(&self.budget),
-            bytes: self.budget_bytes,
-            free_up_to: HTTP2_STREAM_WINDOW,
-            max_message: MAX_MESSAGE_BYTES,
-            idle_timeout: BODY_IDLE_TIMEOUT,
-        };
+        let budget = self.budget.clone();
         let body_admitted = admitted.clone();
         let req = req.map(move |body| {
             tonic::body::Body::new(AdmittedBody::new(body, budget, body_admitted))
@@ -175,8 +174,7 @@ struct AdmittedBody<B> {
     prefix: [u8; PREFIX_BYTES],
     prefix_seen: usize,
     /// The frame that completed the prefix, while its budget is acquired.
-    stashed: Option<Frame<Bytes>>,
-    acquiring: Option<Acquire>,
+    waiting: Option<(Frame<Bytes>, Acquire)>,
     /// Set once admitted: when the body fails if no frame comes first.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     admitted: AdmittedPayload,
@@ -186,7 +184,7 @@ impl<B> std::fmt::Debug for AdmittedBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdmittedBody")
             .field("prefix_seen", &self.prefix_seen)
-            .field("waiting", &self.acquiring.is_some())
+            .field("waiting", &self.waiting.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -198,8 +196,7 @@ impl<B> AdmittedBody<B> {
             budget,
             prefix: [0; PREFIX_BYTES],
             prefix_seen: 0,
-            stashed: None,
-            acquiring: None,
+            waiting: None,
             idle: None,
             admitted,
         }
@@ -249,15 +246,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(acquire) = this.acquiring.as_mut() {
+        if let Some((_, acquire)) = this.waiting.as_mut() {
             let permit = ready!(acquire.as_mut().poll(cx));
-            this.acquiring = None;
             // The semaphore is never closed, so this always holds a permit.
             if let Ok(permit) = permit {
                 this.admitted.keep(permit);
             }
             this.arm_idle();
-            return Poll::Ready(this.stashed.take().map(Ok));
+            return Poll::Ready(this.waiting.take().map(|(frame, _)| Ok(frame)));
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         let frame = match polled {
@@ -286,10 +282,8 @@ where
             Some(len) => match this.budget.for_message(len) {
                 0 => Poll::Ready(Some(Ok(frame))),
                 bytes => {
-                    this.acquiring = Some(Box::pin(
-                        Arc::clone(&this.budget.semaphore).acquire_many_owned(bytes),
-                    ));
-                    this.stashed = Some(frame);
+                    let acquire = Arc::clone(&this.budget.semaphore).acquire_many_owned(bytes);
+                    this.waiting = Some((frame, Box::pin(acquire)));
                     Pin::new(this).poll_frame(cx)
                 }
             },
@@ -298,11 +292,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stashed.is_none() && self.inner.is_end_stream()
+        self.waiting.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.stashed {
+        match &self.waiting {
             None => self.inner.size_hint(),
             Some(_) => SizeHint::default(),
         }

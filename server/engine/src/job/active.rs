@@ -1138,6 +1138,21 @@ mod flush_tests {
             .unwrap();
     }
 
+    /// A 1 MiB write-blocking mirror at 64 KiB granularity between two
+    /// counting backends: (source, target, source device, mirror).
+    fn write_blocking_mirror() -> (Arc<Counting>, Arc<Counting>, Device, ActiveMirror) {
+        let (s, t) = (counting(), counting());
+        let src = Device::unthrottled(s.clone());
+        let m = ActiveMirror::new(
+            1 << 20,
+            64 << 10,
+            Device::unthrottled(t.clone()),
+            1 << 20,
+            true,
+        );
+        (s, t, src, m)
+    }
+
     fn counting() -> Arc<Counting> {
         Arc::new(Counting {
             mem: MemBackend::new(1 << 20),
@@ -1149,9 +1164,7 @@ mod flush_tests {
     #[tokio::test]
     async fn a_guest_flush_flushes_the_target_only_when_guest_writes_reached_it() {
         const GRAN: u64 = 64 << 10;
-        let (s, t) = (counting(), counting());
-        let src = Device::unthrottled(s.clone());
-        let m = ActiveMirror::new(1 << 20, GRAN, Device::unthrottled(t.clone()), 1 << 20, true);
+        let (s, t, src, m) = write_blocking_mirror();
         let write = |off: u64| write_4k(&m, &src, off);
         let flushes = |b: &Counting| b.flushes.load(Ordering::Relaxed);
 
@@ -1191,10 +1204,8 @@ mod flush_tests {
     #[tokio::test]
     async fn the_job_flushes_the_target_only_for_copies_since_its_last_flush() {
         const GRAN: u64 = 64 << 10;
-        let (s, t) = (counting(), counting());
+        let (s, t, src, m) = write_blocking_mirror();
         s.mem.write_at(&[9u8; 4096], 0).unwrap();
-        let src = Device::unthrottled(s.clone());
-        let m = ActiveMirror::new(1 << 20, GRAN, Device::unthrottled(t.clone()), 1 << 20, true);
         let flushes = |b: &Counting| b.flushes.load(Ordering::Relaxed);
         let speed = Throttle::default();
 
@@ -1226,10 +1237,7 @@ mod flush_tests {
     /// succeeds on the source, but nothing on the target counts as copied.
     #[tokio::test]
     async fn a_failed_target_flush_makes_every_chunk_dirty() {
-        const GRAN: u64 = 64 << 10;
-        let (s, t) = (counting(), counting());
-        let src = Device::unthrottled(s.clone());
-        let m = ActiveMirror::new(1 << 20, GRAN, Device::unthrottled(t.clone()), 1 << 20, true);
+        let (_, t, src, m) = write_blocking_mirror();
         write_4k(&m, &src, 0).await;
         assert_eq!(m.dirty_chunks(), 0);
         t.fail_flushes.store(true, Ordering::Relaxed);

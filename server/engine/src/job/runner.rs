@@ -471,8 +471,8 @@ impl Job {
 
     /// Flushes the target (for a pivot, only what it owes), drains guest
     /// I/O, and if still in sync, switches the volume to the target (for
-    /// complete). False: not in sync after
-    /// all (or the flush failed); the runner keeps going.
+    /// complete). False: not in sync after all (or the flush failed); the
+    /// runner keeps going.
     async fn finalize_now(&self, pivot: bool) -> bool {
         // Make the target durable before holding guest I/O. A pivot needs
         // only the copier's writes flushed: guest writes since READY reached
