@@ -44,7 +44,8 @@ pub struct FileBackend {
     /// Set when the file is open with `O_DIRECT`.
     direct: Option<DirectIo>,
     /// Cleared when the kernel refuses `RWF_DONTCACHE` (before Linux
-    /// 6.14, or a filesystem without it): bulk writes are plain from then.
+    /// 6.14, or a filesystem without it): bulk reads and writes are plain
+    /// from then.
     dontcache_works: AtomicBool,
     path: String,
     size: u64,
@@ -110,6 +111,18 @@ impl FileBackend {
         })
     }
 
+    /// From now on, bulk reads and writes of this file go through the page
+    /// cache like any other.
+    fn dontcache_refused(&self, error: &io::Error) {
+        if self.dontcache_works.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                path = %self.path,
+                %error,
+                "RWF_DONTCACHE not supported; bulk reads and writes of this file stay in the page cache"
+            );
+        }
+    }
+
     fn zero_fill(&self, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
         // Aligned, so a direct-I/O file takes it without a bounce copy.
@@ -153,13 +166,12 @@ fn direct_io(file: &File, size: u64, mode: CacheMode) -> io::Result<Option<Direc
     }
 }
 
-/// One `preadv2(RWF_NOWAIT)`: reads what the page cache holds without
-/// waiting for storage. `None` on any error (EAGAIN: not cached).
-/// (No safe wrapper in nix or std takes the `RWF_NOWAIT` flag.)
+/// One `preadv2` with `flags` (`RWF_NOWAIT`, `RWF_DONTCACHE`): bytes read.
+/// (No safe wrapper in nix or std takes these flags.)
 #[allow(unsafe_code)]
-fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
+fn preadv2(file: &File, buf: &mut [u8], offset: u64, flags: libc::c_int) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
-    let offset = off_t(offset).ok()?;
+    let offset = off_t(offset)?;
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -167,16 +179,8 @@ fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> Option<usize> {
     // SAFETY: `iov` describes `buf`, a live, exclusively borrowed slice of
     // `iov_len` bytes that outlives the call; the kernel writes at most that
     // many bytes into it. The descriptor is owned by `file` and open.
-    let n = unsafe {
-        libc::preadv2(
-            file.as_raw_fd(),
-            &raw const iov,
-            1,
-            offset,
-            libc::RWF_NOWAIT,
-        )
-    };
-    usize::try_from(n).ok()
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &raw const iov, 1, offset, flags) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// One `pwritev2(RWF_DONTCACHE)`: a buffered write whose pages the kernel
@@ -228,14 +232,40 @@ impl BlockBackend for FileBackend {
         }
         let mut done = 0;
         while done < buf.len() {
-            match read_nowait(&self.file, &mut buf[done..], offset + done as u64) {
-                Some(n) if n > 0 => done += n,
+            match preadv2(
+                &self.file,
+                &mut buf[done..],
+                offset + done as u64,
+                libc::RWF_NOWAIT,
+            ) {
+                Ok(n) if n > 0 => done += n,
                 // Not cached (EAGAIN), not supported, end of file, or an
                 // error the blocking read will report properly.
                 _ => break,
             }
         }
         done
+    }
+
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.direct.is_some() {
+            return self.read_at(buf, offset);
+        }
+        let mut done = 0;
+        while done < buf.len() && self.dontcache_works.load(Ordering::Relaxed) {
+            let at = offset + done as u64;
+            match preadv2(&self.file, &mut buf[done..], at, libc::RWF_DONTCACHE) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                    self.dontcache_refused(&e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.file
+            .read_exact_at(&mut buf[done..], offset + done as u64)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -256,12 +286,7 @@ impl BlockBackend for FileBackend {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                    self.dontcache_works.store(false, Ordering::Relaxed);
-                    tracing::info!(
-                        path = %self.path,
-                        error = %e,
-                        "RWF_DONTCACHE not supported; bulk writes to this file stay in the page cache"
-                    );
+                    self.dontcache_refused(&e);
                 }
                 Err(e) => return Err(e),
             }
@@ -440,6 +465,55 @@ mod tests {
         let mut odd = vec![0u8; 70_000];
         b.read_at(&mut odd, (3 << 20) + 100).unwrap();
         assert!(odd.iter().all(|&x| x == 5));
+    }
+
+    #[test]
+    fn bulk_reads_leave_the_page_cache_as_they_found_it() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("img");
+        let b = FileBackend::create(&path, 4 << 20, CacheMode::Buffered).unwrap();
+        let pattern: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        b.write_at(&pattern, 0).unwrap();
+        b.flush().unwrap();
+        nix::fcntl::posix_fadvise(
+            &b.file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        assert_eq!(resident_bytes(&path), 0);
+        // A guest's write leaves its pages cached (dirty, with new bytes).
+        b.write_at(&[7u8; 8192], 1 << 20).unwrap();
+        assert_eq!(resident_bytes(&path), 8192);
+        // Bulk reads of the whole file, and of an odd range, read every
+        // byte as it is now, and bring nothing into the cache to stay.
+        let mut all = vec![0u8; 4 << 20];
+        b.read_uncached(&mut all, 0).unwrap();
+        let mut want = pattern.clone();
+        want[1 << 20..(1 << 20) + 8192].fill(7);
+        assert!(all == want, "a bulk read returns the file's bytes");
+        let mut odd = vec![0u8; 70_001];
+        b.read_uncached(&mut odd, (2 << 20) + 333).unwrap();
+        assert!(odd[..] == want[(2 << 20) + 333..(2 << 20) + 333 + 70_001]);
+        assert!(
+            b.dontcache_works.load(Ordering::Relaxed),
+            "this kernel and filesystem take RWF_DONTCACHE reads"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while resident_bytes(&path) > 8192 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bulk reads stay in the page cache: {} bytes",
+                resident_bytes(&path)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // The guest's cached pages stayed.
+        assert_eq!(resident_bytes(&path), 8192);
+        // Reading past the end is an error, not a short read.
+        let mut past = vec![0u8; 4096];
+        assert!(b.read_uncached(&mut past, (4 << 20) - 2048).is_err());
     }
 
     /// A small deterministic generator for test offsets and lengths.

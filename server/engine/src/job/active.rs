@@ -908,7 +908,8 @@ fn copy_blocking(
         *buf = AlignedBuf::new(n, aligned::ALIGN);
     }
     let buf = buf.window(n);
-    src.read_at(buf, off).map_err(src_err)?;
+    // Leaves the source's page cache as it found it (see `read_uncached`).
+    src.read_uncached(buf, off).map_err(src_err)?;
     if buf.iter().all(|&b| b == 0) {
         dst.write_zeroes(off, len, true)
             .map(|()| Copied::Zeroes)
