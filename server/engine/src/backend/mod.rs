@@ -56,7 +56,7 @@ pub trait BlockBackend: Send + Sync + fmt::Debug + 'static {
     /// brings the whole source into the cache through readahead, as large
     /// folios, and every later small guest write into a large folio costs
     /// far more than one into a small one (4 KiB writes at QD4 on this
-    /// kernel: 13-19 k IOPS after a cached full copy, 36-41 k after an
+    /// kernel: 13-19 k IOPS after a cached full copy, 35-44 k after an
     /// uncached one). It would also push the host's other data out.
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_at(buf, offset)
