@@ -413,6 +413,20 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     }
 
+    /// Waits up to 5 s for the kernel to drop what `what` brought into the
+    /// cache (written-back pages leave when their writeback ends).
+    fn wait_until_cached_at_most(path: &Path, bytes: u64, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while resident_bytes(path) > bytes {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} stay in the page cache: {} bytes",
+                resident_bytes(path)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn bulk_writes_leave_the_page_cache_and_stay_coherent_with_buffered_ones() {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
@@ -432,15 +446,7 @@ mod tests {
             b.dontcache_works.load(Ordering::Relaxed),
             "this kernel and filesystem take RWF_DONTCACHE"
         );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while resident_bytes(&path) > 8192 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "bulk writes stay in the page cache: {} bytes",
-                resident_bytes(&path)
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_until_cached_at_most(&path, 8192, "bulk writes");
         let mut back = vec![0u8; 64 << 10];
         b.read_at(&mut back, 1 << 20).unwrap();
         assert!(back.iter().all(|&x| x == 2), "the bulk write won");
@@ -500,15 +506,7 @@ mod tests {
             b.dontcache_works.load(Ordering::Relaxed),
             "this kernel and filesystem take RWF_DONTCACHE reads"
         );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while resident_bytes(&path) > 8192 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "bulk reads stay in the page cache: {} bytes",
-                resident_bytes(&path)
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_until_cached_at_most(&path, 8192, "bulk reads");
         // The guest's cached pages stayed.
         assert_eq!(resident_bytes(&path), 8192);
         // Reading past the end is an error, not a short read.
