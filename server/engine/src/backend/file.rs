@@ -111,16 +111,37 @@ impl FileBackend {
         })
     }
 
-    /// From now on, bulk reads and writes of this file go through the page
-    /// cache like any other.
-    fn dontcache_refused(&self, error: &io::Error) {
-        if self.dontcache_works.swap(false, Ordering::Relaxed) {
-            tracing::info!(
-                path = %self.path,
-                %error,
-                "RWF_DONTCACHE not supported; bulk reads and writes of this file stay in the page cache"
-            );
+    /// Moves `len` bytes with `step` (one `RWF_DONTCACHE` call from the
+    /// given progress, returning bytes moved) while the kernel takes the
+    /// flag, and returns how far it got; the caller moves the rest plainly.
+    /// A refusal (before Linux 6.14, or a file system without it) turns the
+    /// flag off for this file from then on; `stuck` is the error for a call
+    /// that moves nothing.
+    fn dontcache_prefix(
+        &self,
+        len: usize,
+        stuck: io::ErrorKind,
+        mut step: impl FnMut(usize) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut done = 0;
+        while done < len && self.dontcache_works.load(Ordering::Relaxed) {
+            match step(done) {
+                Ok(0) => return Err(io::Error::from(stuck)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                    if self.dontcache_works.swap(false, Ordering::Relaxed) {
+                        tracing::info!(
+                            path = %self.path,
+                            error = %e,
+                            "RWF_DONTCACHE not supported; bulk reads and writes of this file stay in the page cache"
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Ok(done)
     }
 
     fn zero_fill(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -251,19 +272,10 @@ impl BlockBackend for FileBackend {
         if self.direct.is_some() {
             return self.read_at(buf, offset);
         }
-        let mut done = 0;
-        while done < buf.len() && self.dontcache_works.load(Ordering::Relaxed) {
+        let done = self.dontcache_prefix(buf.len(), io::ErrorKind::UnexpectedEof, |done| {
             let at = offset + done as u64;
-            match preadv2(&self.file, &mut buf[done..], at, libc::RWF_DONTCACHE) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                    self.dontcache_refused(&e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            preadv2(&self.file, &mut buf[done..], at, libc::RWF_DONTCACHE)
+        })?;
         self.file
             .read_exact_at(&mut buf[done..], offset + done as u64)
     }
@@ -279,18 +291,9 @@ impl BlockBackend for FileBackend {
         if self.direct.is_some() {
             return self.write_at(buf, offset);
         }
-        let mut done = 0;
-        while done < buf.len() && self.dontcache_works.load(Ordering::Relaxed) {
-            match write_dontcache(&self.file, &buf[done..], offset + done as u64) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                    self.dontcache_refused(&e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let done = self.dontcache_prefix(buf.len(), io::ErrorKind::WriteZero, |done| {
+            write_dontcache(&self.file, &buf[done..], offset + done as u64)
+        })?;
         self.file.write_all_at(&buf[done..], offset + done as u64)
     }
 
