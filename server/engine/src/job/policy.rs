@@ -34,7 +34,9 @@
 //! less than half the data rate the copier achieved, and guests spend less
 //! than half their time waiting on the target (a guest that waits on the
 //! target all the time is slowed by write-blocking itself, so its rate
-//! there understates what it would write in background mode). Two rules keep this
+//! there understates what it would write in background mode), and both have
+//! held for [`RETURN_CALM_MS`] (a guest that pauses for a second, or a
+//! machine too busy to run it, is not a light load). Two more rules keep this
 //! from flapping: no automatic switch comes sooner than the dwell time after
 //! the previous one, and every return to background that diverges again
 //! doubles the dwell (up to ten minutes). A steady heavy load therefore stays
@@ -62,6 +64,10 @@ use super::state::JobStatus;
 
 /// Longest dwell between automatic switches.
 const MAX_DWELL_MS: u64 = 600_000;
+/// How long a light load must last after READY before `auto` returns to
+/// background: three of the runner's one-second rate windows, so one
+/// quiet second (a guest pausing, or starved of CPU) is not enough.
+pub const RETURN_CALM_MS: u64 = 3_000;
 /// Synchronous target writes a latency window needs before it can judge.
 const MIN_LATENCY_SAMPLES: u64 = 3;
 
@@ -122,6 +128,9 @@ pub enum Action {
 pub struct PolicyState {
     policy: ConvergencePolicy,
     diverging_since: Option<u64>,
+    /// Since when the load after READY has been light enough to return to
+    /// background.
+    light_since: Option<u64>,
     last_switch_ms: Option<u64>,
     dwell_ms: u64,
     returned_to_background: bool,
@@ -141,6 +150,7 @@ impl PolicyState {
             dwell_ms: policy.auto_min_dwell_ms,
             policy,
             diverging_since: None,
+            light_since: None,
             last_switch_ms: None,
             returned_to_background: false,
             peak_copy_rate: 0,
@@ -163,9 +173,28 @@ impl PolicyState {
             .is_none_or(|t| now.saturating_sub(t) >= self.dwell_ms)
     }
 
+    /// How long the load has been light enough to leave write-blocking
+    /// after READY (0 while it is not); updates the tracker.
+    fn light_for(&mut self, s: &Sample) -> u64 {
+        let light = s.write_blocking
+            && s.status == JobStatus::Ready
+            && s.would_dirty_rate.saturating_mul(2) < self.peak_copy_rate
+            // Guests that spend most of their time waiting on the target
+            // are held back by write-blocking itself: their rate there says
+            // nothing about what they would write in background.
+            && s.target_busy_permille < 500;
+        if !light {
+            self.light_since = None;
+            return 0;
+        }
+        s.now_ms
+            .saturating_sub(*self.light_since.get_or_insert(s.now_ms))
+    }
+
     fn switch(&mut self, now: u64, write_blocking: bool, reason: String) -> Action {
         self.last_switch_ms = Some(now);
         self.diverging_since = None;
+        self.light_since = None;
         Action::SwitchMode {
             write_blocking,
             reason,
@@ -200,6 +229,7 @@ impl PolicyState {
         let diverged_long = self
             .diverging_since
             .is_some_and(|t| s.now_ms.saturating_sub(t) >= self.policy.auto_diverging_window_ms);
+        let light_for = self.light_for(&s);
 
         // Target-latency guard.
         if let Some(until) = self.guard_until {
@@ -278,14 +308,7 @@ impl PolicyState {
                     };
                     out.push(self.switch(s.now_ms, true, reason));
                 }
-            } else if s.write_blocking
-                && s.status == JobStatus::Ready
-                && self.dwell_passed(s.now_ms)
-                && s.would_dirty_rate.saturating_mul(2) < self.peak_copy_rate
-                // Guests that spend most of their time waiting on the target
-                // are held back by write-blocking itself: their rate there
-                // says nothing about what they would write in background.
-                && s.target_busy_permille < 500
+            } else if s.write_blocking && light_for >= RETURN_CALM_MS && self.dwell_passed(s.now_ms)
             {
                 self.returned_to_background = true;
                 out.push(self.switch(
@@ -581,11 +604,17 @@ mod tests {
             dirty_rate: 0,
             ..*s
         };
-        let back = run(&mut p, sample(2000, JobStatus::Ready, true), 8, true, light);
+        let back = run(
+            &mut p,
+            sample(2000, JobStatus::Ready, true),
+            16,
+            true,
+            light,
+        );
         assert_eq!(
             back,
-            vec![(3000, false)],
-            "returns once the dwell has passed"
+            vec![(2000 + RETURN_CALM_MS, false)],
+            "returns once the light load has lasted RETURN_CALM_MS (the dwell passed at 3000)"
         );
         // In background it diverges again: back to write-blocking, and the
         // dwell doubles before the next return.
@@ -595,20 +624,60 @@ mod tests {
         };
         let again = run(
             &mut p,
-            sample(3250, JobStatus::Ready, false),
+            sample(5250, JobStatus::Ready, false),
             8,
             false,
             diverge,
         );
-        assert_eq!(again.first(), Some(&(5000, true)));
+        assert_eq!(again.first(), Some(&(7000, true)));
         let next = run(
             &mut p,
-            sample(5250, JobStatus::Ready, true),
+            sample(7250, JobStatus::Ready, true),
             40,
             true,
             light,
         );
-        assert_eq!(next.first(), Some(&(9000, false)), "dwell doubled to 4 s");
+        assert_eq!(
+            next.first(),
+            Some(&(11_000, false)),
+            "dwell doubled to 4 s (light since 7250, calm by 10250)"
+        );
+    }
+
+    #[test]
+    fn a_pause_under_a_heavy_load_is_not_a_light_load() {
+        let mut p = PolicyState::new(policy());
+        run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            8,
+            false,
+            |s| *s,
+        );
+        // Ready and write-blocking under a heavy load, except that every
+        // fourth second the guests stall (a busy machine): rates over the
+        // one-second window drop to nothing.
+        let stuttering = |s: &Sample| {
+            let paused = (s.now_ms / 1000) % 4 == 3;
+            Sample {
+                status: JobStatus::Ready,
+                dirty_bytes: 0,
+                would_dirty_rate: if paused { 0 } else { 40 << 20 },
+                target_busy_permille: if paused { 0 } else { 950 },
+                copy_data_rate: 0,
+                copy_rate: 0,
+                dirty_rate: 0,
+                ..*s
+            }
+        };
+        let switches = run(
+            &mut p,
+            sample(2000, JobStatus::Ready, true),
+            4 * 60,
+            true,
+            stuttering,
+        );
+        assert!(switches.is_empty(), "{switches:?}");
     }
 
     #[test]
