@@ -558,18 +558,74 @@ impl Guest {
     /// Runs this guest on its own task until `stop` is set; the task
     /// returns the guest with its model of the region.
     pub fn spawn(
+        self,
+        c: &Clients,
+        stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> tokio::task::JoinHandle<Guest> {
+        self.spawn_paced(c, stop, std::time::Duration::ZERO)
+    }
+
+    /// [`Self::spawn`], resting `pause` after every operation (a light
+    /// load).
+    pub fn spawn_paced(
         mut self,
         c: &Clients,
         stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+        pause: std::time::Duration,
     ) -> tokio::task::JoinHandle<Guest> {
         let mut c = c.clone();
         let stop = std::sync::Arc::clone(stop);
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 self.step(&mut c).await;
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
             }
             self
         })
+    }
+}
+
+/// Guests on their own tasks (see [`Guest::spawn_paced`]) until stopped.
+#[derive(Debug)]
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    guests: Vec<tokio::task::JoinHandle<Guest>>,
+}
+
+impl Load {
+    /// Runs `guests`, each resting `pause` after every operation (zero: as
+    /// fast as it can).
+    pub fn start(c: &Clients, guests: Vec<Guest>, pause: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guests = guests
+            .into_iter()
+            .map(|g| g.spawn_paced(c, &stop, pause))
+            .collect();
+        Self { stop, guests }
+    }
+
+    /// `n` guests on equal, disjoint regions of `volume`, whose content
+    /// now is `content` (the whole volume); seeds `seed`, `seed + 1`, ...
+    pub fn guests(volume: &str, content: &[u8], n: u64, seed: u64) -> Vec<Guest> {
+        let region = content.len() / usize::try_from(n).expect("small");
+        content
+            .chunks_exact(region)
+            .zip(0..n)
+            .map(|(initial, i)| Guest::new(volume, i * region as u64, initial.to_vec(), seed + i))
+            .collect()
+    }
+
+    /// Stops the guests, each after its current operation, and returns
+    /// them in the order they were started.
+    pub async fn stop(self) -> Vec<Guest> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::with_capacity(self.guests.len());
+        for g in self.guests {
+            out.push(g.await.expect("guest task"));
+        }
+        out
     }
 }
 

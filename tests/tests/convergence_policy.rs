@@ -1,12 +1,13 @@
 //! Convergence you can count on: auto mode converges where background does
 //! not and does not flap under a steady load; the target-latency guard falls
 //! back and retries; the memory bound holds with NBD guests far faster than
-//! the target; the forecast says where a job is heading.
+//! the target; the forecast says where a job is heading; automatic switches
+//! both ways keep the target exact.
 
 use blockmirror_proto::v1::{
     self, Convergence, CopyMode, EventType, JobState, watch_events_response::Kind,
 };
-use blockmirror_tests::{Clients, Guest, Nbdkit, TestServer, spec};
+use blockmirror_tests::{Clients, Guest, Load, Nbdkit, TestServer, assert_same, spec};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,9 +43,7 @@ async fn mode_changes(c: &mut Clients, job: &str, within: Duration) -> Vec<v1::E
 async fn auto_converges_where_background_does_not_and_does_not_flap() {
     let server = TestServer::start();
     let mut c = server.clients().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_bg = Arc::new(AtomicBool::new(false));
-    let mut guests = Vec::new();
+    let (mut bg_load, mut auto_load) = (None, None);
     for side in ["bg", "auto"] {
         let (src, dst) = (format!("{side}-src"), format!("{side}-dst"));
         c.create_volume(&src, SIZE).await;
@@ -52,18 +51,13 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
         let content = c.fill_random(&src, SIZE, 17).await;
         c.limit(&dst, 2 << 20).await;
         if side == "bg" {
-            guests.push(Guest::new(&src, 0, content, 3).spawn(&c, &stop_bg));
+            let guest = Guest::new(&src, 0, content, 3);
+            bg_load = Some(Load::start(&c, vec![guest], Duration::ZERO));
         } else {
             // Four guests (queue depth 4): a steady load that keeps the
             // target busy, whatever else the machine is doing.
-            const REGION: u64 = SIZE / 4;
-            for i in 0..4u64 {
-                let r = usize::try_from(i * REGION).unwrap()
-                    ..usize::try_from((i + 1) * REGION).unwrap();
-                guests.push(
-                    Guest::new(&src, i * REGION, content[r].to_vec(), 30 + i).spawn(&c, &stop),
-                );
-            }
+            let guests = Load::guests(&src, &content, 4, 30);
+            auto_load = Some(Load::start(&c, guests, Duration::ZERO));
         }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -98,8 +92,7 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
     assert_eq!(bg.eta_to_ready_ms, None);
     // From here on only the auto job's guest runs (two guests hammering
     // one 2-core machine would measure CPU contention, not the policy).
-    stop_bg.store(true, Ordering::Relaxed);
-    guests.remove(0).await.unwrap();
+    bg_load.take().expect("background guests").stop().await;
     c.jobs
         .cancel_job(v1::CancelJobRequest {
             job_id: "bg".into(),
@@ -118,10 +111,92 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
     );
     let synced = c.job("auto").await;
     assert_eq!(synced.convergence, Convergence::Synced as i32, "{synced:?}");
-    stop.store(true, Ordering::Relaxed);
-    for g in guests {
-        g.await.unwrap();
+    auto_load.take().expect("auto guests").stop().await;
+}
+
+/// Waits for the job's next switch to `to` and returns its event.
+async fn next_switch_to(c: &mut Clients, job: &str, after: u64, to: CopyMode) -> v1::Event {
+    let mut w = c
+        .jobs
+        .watch_events(v1::WatchEventsRequest {
+            job_id: job.into(),
+            after_sequence: after,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, w.next())
+            .await
+            .unwrap_or_else(|_| panic!("no switch to {to:?} within 30 s"))
+            .expect("event stream ended")
+            .expect("event stream failed");
+        if let Some(Kind::Event(e)) = msg.kind
+            && e.r#type == EventType::CopyModeChanged as i32
+            && e.to_mode == to as i32
+        {
+            return e;
+        }
     }
+}
+
+/// The automatic switches in both directions, under concurrent guests
+/// (unaligned 1 KiB writes, discards, write-zeroes): a heavy load takes auto
+/// to write-blocking, a light one after READY takes it back to background, a
+/// heavy one again to write-blocking; then a pivot under load. The volume
+/// and the target file hold every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_switches_both_ways_keep_the_target_exact() {
+    let server = TestServer::start();
+    let mut c = server.clients().await;
+    c.create_volume("src", SIZE).await;
+    c.create_volume("dst", SIZE).await;
+    let content = c.fill_random("src", SIZE, 5).await;
+    c.limit("dst", 2 << 20).await;
+    let heavy = Load::start(&c, Load::guests("src", &content, 4, 50), Duration::ZERO);
+    let mut s = spec("src", "volume:dst", CopyMode::Auto);
+    s.auto_diverging_window_ms = 200;
+    s.auto_min_dwell_ms = 500;
+    s.auto_dismiss = Some(false);
+    c.start_mirror("m", s).await;
+    let ready = c
+        .wait_for("m", &[JobState::Ready], Duration::from_secs(120))
+        .await;
+    assert_eq!(ready.copy_mode, CopyMode::WriteBlocking as i32, "{ready:?}");
+
+    // A light load (about one operation a second per guest): back to
+    // background once it has lasted long enough.
+    let light = Load::start(&c, heavy.stop().await, Duration::from_secs(1));
+    let back = next_switch_to(&mut c, "m", ready.last_event_sequence, CopyMode::Background).await;
+    assert!(back.reason.contains("guests would dirty"), "{back:?}");
+
+    // Heavy again: background would not keep up, so write-blocking again.
+    let heavy = Load::start(&c, light.stop().await, Duration::ZERO);
+    let again = next_switch_to(&mut c, "m", back.sequence, CopyMode::WriteBlocking).await;
+    assert!(again.reason.contains("not converging"), "{again:?}");
+
+    let done = c.complete_and_wait("m", Duration::from_secs(60)).await;
+    assert!(done.pivoted && done.error.is_empty(), "{done:?}");
+    let guests = heavy.stop().await;
+    assert!(
+        guests.iter().all(|g| g.ops > 10),
+        "guests made too few writes"
+    );
+    let model: Vec<u8> = guests.into_iter().flat_map(|g| g.model).collect();
+    assert_same(
+        "volume after the pivot",
+        &c.read("src", 0, SIZE).await,
+        &model,
+    );
+    let vol = c
+        .volumes
+        .get_volume(v1::GetVolumeRequest { name: "src".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(vol.path.ends_with("dst.raw"), "{vol:?}");
+    assert_same("target file", &std::fs::read(&vol.path).unwrap(), &model);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,56 +5,27 @@
 //! every acknowledged write.
 
 use blockmirror_proto::v1::{self, CopyMode, JobState};
-use blockmirror_tests::{Clients, Guest, TestServer, assert_same, spec};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use blockmirror_tests::{Clients, Load, TestServer, assert_same, spec};
 use std::time::Duration;
-use tokio::task::JoinHandle;
 
 const SIZE: u64 = 32 << 20;
 const GUESTS: u64 = 4;
-const REGION: u64 = SIZE / GUESTS;
 
-struct Workload {
-    stop: Arc<AtomicBool>,
-    guests: Vec<JoinHandle<Guest>>,
+/// Starts `GUESTS` paced guests on disjoint regions of `volume`.
+fn start_load(c: &Clients, volume: &str, content: &[u8]) -> Load {
+    Load::start(
+        c,
+        Load::guests(volume, content, GUESTS, 1000),
+        Duration::from_millis(2),
+    )
 }
 
-impl Workload {
-    /// Starts `GUESTS` paced guests on disjoint regions of `volume`.
-    fn start(c: &Clients, volume: &str, content: &[u8]) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let guests = (0..GUESTS)
-            .map(|i| {
-                let start = usize::try_from(i * REGION).unwrap();
-                let region = content[start..start + usize::try_from(REGION).unwrap()].to_vec();
-                let mut g = Guest::new(volume, i * REGION, region, 1000 + i);
-                let mut c = c.clone();
-                let stop = Arc::clone(&stop);
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        g.step(&mut c).await;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    g
-                })
-            })
-            .collect();
-        Self { stop, guests }
-    }
-
-    /// Stops the guests and returns the expected content of the volume.
-    async fn finish(self) -> (Vec<u8>, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut model = Vec::with_capacity(usize::try_from(SIZE).unwrap());
-        let mut ops = 0;
-        for g in self.guests {
-            let g = g.await.expect("guest task");
-            ops += g.ops;
-            model.extend_from_slice(&g.model);
-        }
-        (model, ops)
-    }
+/// Stops the guests: the expected content of the volume, and how many
+/// operations they made.
+async fn finish(load: Load) -> (Vec<u8>, u64) {
+    let guests = load.stop().await;
+    let ops = guests.iter().map(|g| g.ops).sum();
+    (guests.into_iter().flat_map(|g| g.model).collect(), ops)
 }
 
 async fn setup(mode: CopyMode) -> (TestServer, Clients, Vec<u8>, v1::MirrorSpec) {
@@ -100,7 +71,7 @@ async fn exercise_controls(c: &mut Clients, id: &str) {
 
 async fn complete_under_load(mode: CopyMode) {
     let (server, mut c, content, s) = setup(mode).await;
-    let load = Workload::start(&c, "src", &content);
+    let load = start_load(&c, "src", &content);
     c.start_mirror("m", s).await;
     exercise_controls(&mut c, "m").await;
     let ready = c
@@ -121,7 +92,7 @@ async fn complete_under_load(mode: CopyMode) {
     assert!(done.error.is_empty(), "{done:?}");
     // Guests keep writing after the pivot: now to the target.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (model, ops) = load.finish().await;
+    let (model, ops) = finish(load).await;
     assert!(ops > 100, "the guests made only {ops} writes");
 
     let vol = c
@@ -174,13 +145,13 @@ async fn auto_complete_under_concurrent_writes() {
 /// Cancel in READY keeps the target as a point-in-time copy, with no pivot.
 async fn cancel_in_ready(mode: CopyMode) {
     let (server, mut c, content, s) = setup(mode).await;
-    let load = Workload::start(&c, "src", &content);
+    let load = start_load(&c, "src", &content);
     c.start_mirror("m", s).await;
     exercise_controls(&mut c, "m").await;
     c.wait_for("m", &[JobState::Ready], Duration::from_secs(90))
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (model, _) = load.finish().await;
+    let (model, _) = finish(load).await;
     c.jobs
         .cancel_job(v1::CancelJobRequest {
             job_id: "m".into(),
@@ -223,7 +194,7 @@ async fn background_cancel_in_ready_keeps_consistent_copy() {
 async fn mode_switches_under_load_keep_the_target_exact() {
     let (server, mut c, content, mut s) = setup(CopyMode::Background).await;
     s.speed_bytes_per_sec = 16 << 20;
-    let load = Workload::start(&c, "src", &content);
+    let load = start_load(&c, "src", &content);
     c.start_mirror("m", s).await;
     c.wait_for("m", &[JobState::Running], Duration::from_secs(10))
         .await;
@@ -264,7 +235,7 @@ async fn mode_switches_under_load_keep_the_target_exact() {
     assert!(seen_ready);
     let done = c.complete_and_wait("m", Duration::from_secs(60)).await;
     assert!(done.pivoted, "{done:?}");
-    let (model, ops) = load.finish().await;
+    let (model, ops) = finish(load).await;
     assert!(ops > 100, "only {ops} guest writes");
     assert_same(
         "volume after switches and pivot",
@@ -341,7 +312,7 @@ async fn direct_io_volume_mirrors_exactly_and_stays_direct() {
     s.buf_size_bytes = 4 << 20;
     s.speed_bytes_per_sec = 8 << 20;
     s.auto_dismiss = Some(false);
-    let load = Workload::start(&c, "src", &content);
+    let load = start_load(&c, "src", &content);
     c.start_mirror("m", s).await;
     c.wait_for("m", &[JobState::Ready], Duration::from_secs(90))
         .await;
@@ -349,7 +320,7 @@ async fn direct_io_volume_mirrors_exactly_and_stays_direct() {
     let done = c.complete_and_wait("m", Duration::from_secs(60)).await;
     assert!(done.pivoted && done.error.is_empty(), "{done:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (model, ops) = load.finish().await;
+    let (model, ops) = finish(load).await;
     assert!(ops > 100, "the guests made only {ops} writes");
 
     let vol = volume(&mut c, "src").await;
