@@ -424,6 +424,63 @@ impl Clients {
             );
         }
     }
+
+    /// Events of `job` after sequence `after`, up to and including the
+    /// first of type `until`; panics if none comes within 60 s.
+    pub async fn events_until(
+        &mut self,
+        job: &str,
+        after: u64,
+        until: v1::EventType,
+    ) -> Vec<v1::Event> {
+        use tokio_stream::StreamExt;
+        let mut w = self
+            .jobs
+            .watch_events(v1::WatchEventsRequest {
+                job_id: job.into(),
+                after_sequence: after,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut out = Vec::new();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(60), w.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {until:?} for {job}; got {out:?}"))
+                .expect("stream open")
+                .expect("event");
+            if let Some(v1::watch_events_response::Kind::Event(e)) = msg.kind {
+                let done = e.r#type == until as i32;
+                out.push(e);
+                if done {
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// After a pivot: `volume` reads as `model`, and so does the file that
+    /// now backs it; returns the volume.
+    pub async fn assert_volume_holds(&mut self, volume: &str, model: &[u8]) -> v1::Volume {
+        let len = model.len() as u64;
+        assert_same(
+            "read through the volume",
+            &self.read(volume, 0, len).await,
+            model,
+        );
+        let vol = self
+            .volumes
+            .get_volume(v1::GetVolumeRequest {
+                name: volume.into(),
+            })
+            .await
+            .expect("get volume")
+            .into_inner();
+        let file = std::fs::read(&vol.path).expect("read the volume's file");
+        assert_same("the volume's file", &file, model);
+        vol
+    }
 }
 
 /// A mirror spec with defaults for everything but source, target and mode.

@@ -7,7 +7,7 @@
 use blockmirror_proto::v1::{
     self, Convergence, CopyMode, EventType, JobState, watch_events_response::Kind,
 };
-use blockmirror_tests::{Clients, Guest, Load, Nbdkit, TestServer, assert_same, spec};
+use blockmirror_tests::{Clients, Guest, Load, Nbdkit, TestServer, spec};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,31 +114,15 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
     auto_load.take().expect("auto guests").stop().await;
 }
 
-/// Waits for the job's next switch to `to` and returns its event.
-async fn next_switch_to(c: &mut Clients, job: &str, after: u64, to: CopyMode) -> v1::Event {
-    let mut w = c
-        .jobs
-        .watch_events(v1::WatchEventsRequest {
-            job_id: job.into(),
-            after_sequence: after,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, w.next())
-            .await
-            .unwrap_or_else(|_| panic!("no switch to {to:?} within 30 s"))
-            .expect("event stream ended")
-            .expect("event stream failed");
-        if let Some(Kind::Event(e)) = msg.kind
-            && e.r#type == EventType::CopyModeChanged as i32
-            && e.to_mode == to as i32
-        {
-            return e;
-        }
-    }
+/// The job's next copy-mode change after event `after`: it must be to `to`.
+async fn next_switch(c: &mut Clients, job: &str, after: u64, to: CopyMode) -> v1::Event {
+    let events = c.events_until(job, after, EventType::CopyModeChanged).await;
+    let change = events
+        .last()
+        .expect("events_until returns the change")
+        .clone();
+    assert_eq!(change.to_mode, to as i32, "{change:?}");
+    change
 }
 
 /// The automatic switches in both directions, under concurrent guests
@@ -168,12 +152,12 @@ async fn automatic_switches_both_ways_keep_the_target_exact() {
     // A light load (about one operation a second per guest): back to
     // background once it has lasted long enough.
     let light = Load::start(&c, heavy.stop().await, Duration::from_secs(1));
-    let back = next_switch_to(&mut c, "m", ready.last_event_sequence, CopyMode::Background).await;
+    let back = next_switch(&mut c, "m", ready.last_event_sequence, CopyMode::Background).await;
     assert!(back.reason.contains("guests would dirty"), "{back:?}");
 
     // Heavy again: background would not keep up, so write-blocking again.
     let heavy = Load::start(&c, light.stop().await, Duration::ZERO);
-    let again = next_switch_to(&mut c, "m", back.sequence, CopyMode::WriteBlocking).await;
+    let again = next_switch(&mut c, "m", back.sequence, CopyMode::WriteBlocking).await;
     assert!(again.reason.contains("not converging"), "{again:?}");
 
     let done = c.complete_and_wait("m", Duration::from_secs(60)).await;
@@ -184,19 +168,8 @@ async fn automatic_switches_both_ways_keep_the_target_exact() {
         "guests made too few writes"
     );
     let model: Vec<u8> = guests.into_iter().flat_map(|g| g.model).collect();
-    assert_same(
-        "volume after the pivot",
-        &c.read("src", 0, SIZE).await,
-        &model,
-    );
-    let vol = c
-        .volumes
-        .get_volume(v1::GetVolumeRequest { name: "src".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let vol = c.assert_volume_holds("src", &model).await;
     assert!(vol.path.ends_with("dst.raw"), "{vol:?}");
-    assert_same("target file", &std::fs::read(&vol.path).unwrap(), &model);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,34 +30,6 @@ fn kept(name: &str) -> v1::MirrorSpec {
     s
 }
 
-/// Events of `job` after `after`, until one of type `until` (inclusive).
-async fn events_until(c: &mut Clients, job: &str, after: u64, until: EventType) -> Vec<v1::Event> {
-    let mut w = c
-        .jobs
-        .watch_events(v1::WatchEventsRequest {
-            job_id: job.into(),
-            after_sequence: after,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let mut out = Vec::new();
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(60), w.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {until:?} for {job}; got {out:?}"))
-            .expect("stream open")
-            .expect("event");
-        if let Some(Kind::Event(e)) = msg.kind {
-            let done = e.r#type == until as i32;
-            out.push(e);
-            if done {
-                return out;
-            }
-        }
-    }
-}
-
 fn types(events: &[v1::Event]) -> Vec<i32> {
     events.iter().map(|e| e.r#type).collect()
 }
@@ -82,7 +54,9 @@ async fn cancel_before_ready_is_cancelled_and_dismiss_forgets() {
         })
         .await
         .unwrap();
-    let ev = events_until(&mut c, "a", after, EventType::BlockJobCancelled).await;
+    let ev = c
+        .events_until("a", after, EventType::BlockJobCancelled)
+        .await;
     assert!(!types(&ev).contains(&(EventType::BlockJobCompleted as i32)));
     let j = c
         .wait_for("a", &[JobState::Concluded], Duration::from_secs(10))
@@ -129,7 +103,9 @@ async fn force_cancel_in_ready_is_cancelled_without_pivot() {
         })
         .await
         .unwrap();
-    let ev = events_until(&mut c, "f", after, EventType::BlockJobCancelled).await;
+    let ev = c
+        .events_until("f", after, EventType::BlockJobCancelled)
+        .await;
     assert_eq!(ev[0].r#type, EventType::JobStatusChange as i32);
     assert_eq!(ev[0].state, JobState::Aborting as i32);
     let j = c.job("f").await;
@@ -146,13 +122,13 @@ async fn manual_finalize_pivots_and_events_follow_qemu_order() {
     s.auto_finalize = Some(false);
     s.copy_mode = CopyMode::WriteBlocking as i32;
     c.start_mirror("p", s).await;
-    let ev = events_until(&mut c, "p", 0, EventType::BlockJobReady).await;
+    let ev = c.events_until("p", 0, EventType::BlockJobReady).await;
     let last = ev.last().unwrap().sequence;
     c.jobs
         .complete_job(v1::JobRequest { job_id: "p".into() })
         .await
         .unwrap();
-    let ev = events_until(&mut c, "p", last, EventType::BlockJobPending).await;
+    let ev = c.events_until("p", last, EventType::BlockJobPending).await;
     let states: Vec<i32> = ev
         .iter()
         .filter(|e| e.r#type == EventType::JobStatusChange as i32)
@@ -176,13 +152,13 @@ async fn manual_finalize_pivots_and_events_follow_qemu_order() {
         .finalize_job(v1::JobRequest { job_id: "p".into() })
         .await
         .unwrap();
-    let ev = events_until(
-        &mut c,
-        "p",
-        ev.last().unwrap().sequence,
-        EventType::BlockJobCompleted,
-    )
-    .await;
+    let ev = c
+        .events_until(
+            "p",
+            ev.last().unwrap().sequence,
+            EventType::BlockJobCompleted,
+        )
+        .await;
     let done = ev.last().unwrap();
     assert!(done.pivoted, "{done:?}");
     let v = c
