@@ -35,11 +35,12 @@ Convergence: a background copy finishes only if the copier outruns the guests.
   guests re-dirtying at least 3/4 of what the copier can clean (or touching
   distinct chunks that fast, or the dirty set not shrinking) for
   --auto-diverging-window [0.1s]. After READY it returns to background
-  once guests have written at under half the copy rate for 3 s, so they stop
-  paying target latency. No automatic switch comes sooner than --auto-min-dwell [10s] after
-  the previous one, and the dwell doubles (up to 10 min) each time a return to
-  background diverges again: a steady heavy load stays write-blocking instead
-  of flapping. The --auto-* options also count after `job change --mode auto`.
+  once guests have written at under half the copy rate for 3 s, so they
+  stop paying target latency. No automatic switch comes sooner than
+  --auto-min-dwell [10s] after the previous one, and the dwell doubles (up
+  to 10 min) each time a return to background diverges again: a steady heavy
+  load stays write-blocking instead of flapping. The --auto-* options also
+  count after `job change --mode auto`.
 
   Target-latency guard (off by default; write-blocking and auto jobs): when
   synchronous target writes take longer than --target-latency-limit MS for most
