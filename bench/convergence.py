@@ -129,20 +129,6 @@ q = None  # qemu_mirror_peer, imported in main()
 log = mi.log
 
 
-def drop_cached(path):
-    """Evicts a (written back) file from the page cache, so every run starts
-    from the same state. Left cached, a run inherits the folios earlier runs
-    left: the source is written in 4 MiB pieces (large folios), QEMU's
-    O_DIRECT writes evict what they touch, buffered 4 KiB writes leave small
-    folios, and a 4 KiB write into a large folio costs 2-3 times as much
-    (13-19 k against 36-41 k IOPS at QD4 on this kernel)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def parse_size(s):
     return mi.parse_size(s)
 
@@ -548,7 +534,7 @@ class Bench:
         tgt = os.path.join(self.workdir, "tgt.raw")
         q.make_empty_target(tgt, size)
         os.sync()  # no writeback of an earlier run during this one
-        drop_cached(src)
+        mi.evict(src)
         return src, tgt
 
     def spec(self, wl, size, runtime):
@@ -602,8 +588,7 @@ class Bench:
             end = min(w.t_end, w.t_launch + sp["runtime"])
             r["per_second"] = per_second(samples, w.t_launch, w.t_launch, end)
             # for `aligned` (too many to keep in the JSON)
-            self.baseline_samples[key] = (samples, times, w.t_launch,
-                                          end - 0.2)
+            self.baseline_samples[key] = (samples, w.t_launch, end - 0.2)
         finally:
             eng.stop()
         self.baselines[key] = r
@@ -625,7 +610,7 @@ class Bench:
         got = self.baseline_samples.get(key)
         if not got:
             return None
-        samples, _, launch, end = got
+        samples, launch, end = got
         a, b = launch + a_age, min(launch + b_age, end)
         # a baseline cut short by more than a tenth does not cover the phase
         if b - a < 0.9 * (b_age - a_age):

@@ -35,30 +35,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MiB = 1 << 20
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mirror_idle as mi  # noqa: E402  (paths, sizes, sources, eviction)
 
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def parse_size(s):
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    s = s.strip().upper().rstrip("B").rstrip("I")
-    if s and s[-1] in units:
-        return int(float(s[:-1]) * units[s[-1]])
-    return int(s)
-
-
-def evict(path):
-    """Writes back, then drops, every cached page of `path`."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+MiB = mi.MiB
+log = mi.log
 
 
 def resident_bytes(path):
@@ -123,7 +104,7 @@ def one_rep(a, workdir, src, rep):
         os.unlink(tgt)
     with open(tgt, "wb") as f:
         f.truncate(a.size)
-    evict(src)
+    mi.evict(src)
     d = Daemon(a.bin_dir, workdir)
     try:
         d.ctl("volume", "attach", "src", "--path", src)
@@ -142,7 +123,7 @@ def one_rep(a, workdir, src, rep):
             time.sleep(0.1)
         cached = resident_bytes(src)
         after = fio_iops(d.uri(), workdir, a.runtime, a.iodepth)
-        evict(src)
+        mi.evict(src)
         cold = fio_iops(d.uri(), workdir, a.runtime, a.iodepth)
     finally:
         d.stop()
@@ -161,13 +142,12 @@ def main():
     ap.add_argument("--runtime", type=int, default=5,
                     help="seconds of guest writes per measurement (5)")
     ap.add_argument("--iodepth", type=int, default=4)
-    ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target",
-                                                      "release"))
-    ap.add_argument("--workdir", default=os.path.join(ROOT, "target",
+    ap.add_argument("--bin-dir", default=mi.BIN_DIR)
+    ap.add_argument("--workdir", default=os.path.join(mi.ROOT, "target",
                                                       "bench-work"))
     ap.add_argument("--json", help="write the runs here")
     a = ap.parse_args()
-    a.size = parse_size(a.size)
+    a.size = mi.parse_size(a.size)
     for tool in ("fio", "fincore"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed")
@@ -175,9 +155,7 @@ def main():
     workdir = tempfile.mkdtemp(prefix="copy-page-cache-", dir=a.workdir)
     try:
         src = os.path.join(workdir, "src.raw")
-        with open(src, "wb") as f:
-            for _ in range(a.size // (4 * MiB)):
-                f.write(os.urandom(4 * MiB))
+        mi.make_source(src, a.size)
         runs = [one_rep(a, workdir, src, i + 1) for i in range(a.repeat)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -116,11 +116,11 @@ async fn auto_converges_where_background_does_not_and_does_not_flap() {
 
 /// The job's next copy-mode change after event `after`: it must be to `to`.
 async fn next_switch(c: &mut Clients, job: &str, after: u64, to: CopyMode) -> v1::Event {
-    let events = c.events_until(job, after, EventType::CopyModeChanged).await;
-    let change = events
-        .last()
-        .expect("events_until returns the change")
-        .clone();
+    let change = c
+        .events_until(job, after, EventType::CopyModeChanged)
+        .await
+        .pop()
+        .expect("events_until ends with the change");
     assert_eq!(change.to_mode, to as i32, "{change:?}");
     change
 }

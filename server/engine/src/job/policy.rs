@@ -174,8 +174,8 @@ impl PolicyState {
     }
 
     /// How long the load has been light enough to leave write-blocking
-    /// after READY (0 while it is not); updates the tracker.
-    fn light_for(&mut self, s: &Sample) -> u64 {
+    /// after READY (`None` while it is not); updates the tracker.
+    fn light_for(&mut self, s: &Sample) -> Option<u64> {
         let light = s.write_blocking
             && s.status == JobStatus::Ready
             && s.would_dirty_rate.saturating_mul(2) < self.peak_copy_rate
@@ -185,10 +185,12 @@ impl PolicyState {
             && s.target_busy_permille < 500;
         if !light {
             self.light_since = None;
-            return 0;
+            return None;
         }
-        s.now_ms
-            .saturating_sub(*self.light_since.get_or_insert(s.now_ms))
+        Some(
+            s.now_ms
+                .saturating_sub(*self.light_since.get_or_insert(s.now_ms)),
+        )
     }
 
     fn switch(&mut self, now: u64, write_blocking: bool, reason: String) -> Action {
@@ -308,7 +310,9 @@ impl PolicyState {
                     };
                     out.push(self.switch(s.now_ms, true, reason));
                 }
-            } else if s.write_blocking && light_for >= RETURN_CALM_MS && self.dwell_passed(s.now_ms)
+            } else if s.write_blocking
+                && light_for.is_some_and(|t| t >= RETURN_CALM_MS)
+                && self.dwell_passed(s.now_ms)
             {
                 self.returned_to_background = true;
                 out.push(self.switch(
@@ -400,6 +404,35 @@ mod tests {
             }
         }
         switches
+    }
+
+    /// A policy that has switched to write-blocking in the first pass (a
+    /// diverging copy for 1 s).
+    fn write_blocking_after_the_first_pass() -> PolicyState {
+        let mut p = PolicyState::new(policy());
+        run(
+            &mut p,
+            sample(0, JobStatus::Running, false),
+            8,
+            false,
+            |s| *s,
+        );
+        p
+    }
+
+    /// READY in write-blocking, nothing dirty, no copying: only what guests
+    /// would dirty in background and how long they wait on the target vary.
+    fn synced(s: &Sample, would_dirty_rate: u64, target_busy_permille: u64) -> Sample {
+        Sample {
+            status: JobStatus::Ready,
+            dirty_bytes: 0,
+            would_dirty_rate,
+            target_busy_permille,
+            copy_data_rate: 0,
+            copy_rate: 0,
+            dirty_rate: 0,
+            ..*s
+        }
     }
 
     #[test]
@@ -566,15 +599,7 @@ mod tests {
         );
         assert_eq!(switches, vec![(1000, true)]);
         // Ready, write-blocking, guests still writing hard: stays.
-        let heavy = |s: &Sample| Sample {
-            status: JobStatus::Ready,
-            dirty_bytes: 0,
-            would_dirty_rate: 40 << 20,
-            copy_data_rate: 0,
-            copy_rate: 0,
-            dirty_rate: 0,
-            ..*s
-        };
+        let heavy = |s: &Sample| synced(s, 40 << 20, 0);
         let later = run(
             &mut p,
             sample(2000, JobStatus::Ready, true),
@@ -587,23 +612,8 @@ mod tests {
 
     #[test]
     fn light_load_returns_to_background_and_backs_off_if_it_diverges() {
-        let mut p = PolicyState::new(policy());
-        run(
-            &mut p,
-            sample(0, JobStatus::Running, false),
-            8,
-            false,
-            |s| *s,
-        );
-        let light = |s: &Sample| Sample {
-            status: JobStatus::Ready,
-            dirty_bytes: 0,
-            would_dirty_rate: 1 << 20,
-            copy_data_rate: 0,
-            copy_rate: 0,
-            dirty_rate: 0,
-            ..*s
-        };
+        let mut p = write_blocking_after_the_first_pass();
+        let light = |s: &Sample| synced(s, 1 << 20, 0);
         let back = run(
             &mut p,
             sample(2000, JobStatus::Ready, true),
@@ -646,28 +656,15 @@ mod tests {
 
     #[test]
     fn a_pause_under_a_heavy_load_is_not_a_light_load() {
-        let mut p = PolicyState::new(policy());
-        run(
-            &mut p,
-            sample(0, JobStatus::Running, false),
-            8,
-            false,
-            |s| *s,
-        );
+        let mut p = write_blocking_after_the_first_pass();
         // Ready and write-blocking under a heavy load, except that every
         // fourth second the guests stall (a busy machine): rates over the
         // one-second window drop to nothing.
         let stuttering = |s: &Sample| {
-            let paused = (s.now_ms / 1000) % 4 == 3;
-            Sample {
-                status: JobStatus::Ready,
-                dirty_bytes: 0,
-                would_dirty_rate: if paused { 0 } else { 40 << 20 },
-                target_busy_permille: if paused { 0 } else { 950 },
-                copy_data_rate: 0,
-                copy_rate: 0,
-                dirty_rate: 0,
-                ..*s
+            if (s.now_ms / 1000) % 4 == 3 {
+                synced(s, 0, 0)
+            } else {
+                synced(s, 40 << 20, 950)
             }
         };
         let switches = run(
@@ -682,23 +679,9 @@ mod tests {
 
     #[test]
     fn guests_bound_by_the_target_keep_write_blocking() {
-        let mut p = PolicyState::new(policy());
-        run(
-            &mut p,
-            sample(0, JobStatus::Running, false),
-            8,
-            false,
-            |s| *s,
-        );
+        let mut p = write_blocking_after_the_first_pass();
         // A slow guest rate, but only because every write waits on the target.
-        let bound = |s: &Sample| Sample {
-            status: JobStatus::Ready,
-            dirty_bytes: 0,
-            would_dirty_rate: 1 << 20,
-            copy_data_rate: 0,
-            target_busy_permille: 950,
-            ..*s
-        };
+        let bound = |s: &Sample| synced(s, 1 << 20, 950);
         assert!(
             run(
                 &mut p,
