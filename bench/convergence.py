@@ -44,13 +44,16 @@ Parts (--parts, default all):
          peak RSS (VmRSS sampled every 0.1 s, and VmHWM reset just before
          the job) over the daemon's idle RSS.
 
-"No mirror" baselines: the same writer on the same engine set-up, no job
-(one per engine family, workload, disk size and repetition); in the fast
-part it runs as long as the mirror runs it is compared with. The fast part's targets judge
-a phase against the baseline's IOPS over the same seconds of the writer's
-life (a writer slows as it ages: the page cache fills and writeback
-starts); the ratio to the baseline's first --baseline-runtime s is shown
-beside it.
+Yardsticks of the guest-IOPS targets: the mirror run's own writer with no
+job, in the seconds before the job and after the pivot (`bracket`; the
+writer runs --tail s after COMPLETED). Shown beside them, the "no mirror"
+baselines: the same writer on the same engine set-up, no job, in a run of
+its own (one per engine family, workload, disk size and repetition; in
+the fast part it runs as long as the mirror run, and a phase is compared
+with its IOPS over the same seconds of the writer's life and over its
+first --baseline-runtime s). The slow part also measures the physical
+limit of the seed's flushes made durable on both sides
+(bench/flush_ceiling.py).
 
 Python 3 standard library (+ matplotlib for the plots, if importable).
 Needs release binaries (it builds nothing), qemu-storage-daemon, fio with
@@ -59,7 +62,7 @@ the nbd engine (else the harness's Python NBD writer), and
 
     cargo build --release --bins
     python3 bench/convergence.py --quick          # ~4 min
-    python3 bench/convergence.py                  # full, ~14 min
+    python3 bench/convergence.py                  # full, ~25 min
 
 See bench/README.md for what the numbers mean.
 """
