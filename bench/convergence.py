@@ -1063,16 +1063,25 @@ def targets(results, mem_results, a, ceilings=None):
                 # before the bracket; a maximum of noisy rates leans low).
                 pre = agg(rs, "pre.iops")
                 ref = max(x for x in (base, pre, 0) if x is not None)
+                v_ref = 100 * w / ref if w is not None and ref else None
+                limit = ("physical limit of flushes durable on both sides, "
+                         f"system calls only: {fmt(ceiling, 0)} %")
+                text = (f"worst 1 s {fmt(w, 0)} IOPS = {fmt(v, 0)} % of "
+                        f"{fmt(agg(rs, 'adjacent.iops'), 0)} (separate "
+                        "no-mirror run: "
+                        f"{fmt(agg(rs, 'mirror.worst1s_pct'), 0)} %; the "
+                        f"higher of it and before the job: {fmt(v_ref, 0)}"
+                        f" %; {limit})")
+                if v is None:
+                    # no pivot to bracket with: the earlier verdict
+                    v = v_ref
+                    text = (f"worst 1 s {fmt(w, 0)} IOPS = {fmt(v_ref, 0)} % "
+                            "of the higher of the separate no-mirror run and "
+                            f"the seconds before the job, {fmt(ref, 0)}: no "
+                            f"pivot to bracket with ({limit})")
                 add("seed: no 1 s window < 50 % of no-mirror IOPS (the "
                     "same writer with no job: before the job and after "
-                    "the pivot)", scen, c,
-                    f"worst 1 s {fmt(w, 0)} IOPS = {fmt(v, 0)} % of "
-                    f"{fmt(agg(rs, 'adjacent.iops'), 0)} (separate no-mirror "
-                    f"run: {fmt(agg(rs, 'mirror.worst1s_pct'), 0)} %; the "
-                    "higher of it and before the job: "
-                    f"{fmt(100 * w / ref if w is not None and ref else None, 0)}"
-                    " %; physical limit of flushes durable on both sides, "
-                    f"system calls only: {fmt(ceiling, 0)} %)",
+                    "the pivot)", scen, c, text,
                     v is not None and v >= 100 * T_SEED_WINDOW)
                 add(f"seed: no write over {T_SEED_MAX_MS:.0f} ms", scen, c,
                     f"max {fmt(mx, 1)} ms", mx is not None and
