@@ -878,8 +878,6 @@ class Bench:
         # pivot: a yardstick next to the phases it judges (see `bracket`).
         adj = bracket(ph.get("pre"), ph.get("after_pivot"))
         m["adjacent.iops"] = adj
-        m["adjacent.s"] = sum((ph.get(k) or {}).get("seconds") or 0
-                              for k in ("pre", "after_pivot"))
         for k in ("before", "after", "mirror"):
             st = ph.get(k)
             if adj and st:
@@ -1014,6 +1012,14 @@ def pct_aligned(runs, k):
             agg(runs, f"{k}.iops_pct"))
 
 
+def bracketed(runs, key):
+    """Median of the bracketed ratio `key` when every run has a bracket
+    (see `bracket`), else None and the earlier yardstick judges: a verdict
+    never rests on the subset of runs that happened to pivot."""
+    vals = [r["m"].get(key) for r in runs]
+    return med(vals) if vals and None not in vals else None
+
+
 def groups(results):
     g = {}
     for r in results:
@@ -1057,7 +1063,7 @@ def targets(results, mem_results, a, ceilings=None):
             if wl == "seed":
                 w = agg(rs, "mirror.worst1s")
                 mx = agg(rs, "mirror.max_ms")
-                v = agg(rs, "mirror.worst1s_pct_adjacent")
+                v = bracketed(rs, "mirror.worst1s_pct_adjacent")
                 # Shown beside it: the separate no-mirror run, and the
                 # higher of it and the seconds before the job (the verdict
                 # before the bracket; a maximum of noisy rates leans low).
@@ -1094,7 +1100,7 @@ def targets(results, mem_results, a, ceilings=None):
             for k, what, lim in (("before", "in the first pass",
                                   T_FIRST_PASS),
                                  ("after", "after READY", T_AFTER_READY)):
-                v = agg(rs, f"{k}.iops_pct_adjacent")
+                v = bracketed(rs, f"{k}.iops_pct_adjacent")
                 va, v0 = pct_aligned(rs, k)
                 text = (f"{fmt(v, 0)} % (separate no-mirror run, same "
                         f"seconds: {fmt(va, 0)} %, its first seconds: "
@@ -1780,8 +1786,10 @@ def main():
                 if part not in parts:
                     continue
                 if part == "slow" and "seed" in wls[part]:
-                    fc = flush_ceiling.measure(workdir, a.ceiling_seconds,
-                                               every=a.seed_fsync_every)
+                    fc = flush_ceiling.measure(
+                        workdir, a.ceiling_seconds,
+                        region=parse_size(a.hot_size),
+                        every=a.seed_fsync_every)
                     fc["rep"] = rep
                     bench.ceilings.append(fc)
                     log(f"rep {rep}: flush ceiling (syscalls, no mirror vs "
